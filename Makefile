@@ -1,0 +1,35 @@
+# patchbench: `make bench` (default leaderboard) and `make test`.
+# Both install what is missing first: uv (into .tools/ if not on PATH), then the locked
+# environment in .venv/ (torch and torchvision from PyPI, versions from uv.lock).
+
+PYTHON ?= python3
+VENV := .venv
+UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+RUN ?= default
+ARGS ?=
+
+.PHONY: install bench test lint clean
+
+install: $(VENV)/.synced
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen
+	@touch $@
+
+.tools/bin/uv:
+	$(PYTHON) -m venv .tools
+	.tools/bin/python -m pip install --quiet uv
+
+bench: install
+	$(VENV)/bin/patchbench bench --run $(RUN) $(ARGS)
+
+test: install
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/python -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from patchbench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,153 @@
+"""The benchmark run: models x datasets x methods x operators -> tidy rows -> files."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from patchbench import __version__
+from patchbench.bench.config import BenchConfig
+from patchbench.bench.results import plot_curves, render_markdown, summarise, wide_leaderboard, write_run
+from patchbench.datasets import create_dataset
+from patchbench.methods import create_method
+from patchbench.metrics import CURVES, faithfulness_curves, log_probs, patch_auroc, prepare_reference
+from patchbench.models import create_operator, load_model
+from patchbench.models.zoo import TrainConfig
+from patchbench.utils import provenance, seed_everything, write_json
+
+
+def select_samples(labels: Tensor, n: int, seed: int) -> list[int]:
+    """``n`` sample indices stratified over classes: a seeded shuffle, then round-robin
+    over classes, so a small ``n`` still covers every class (not the first n in order)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=g)
+    by_class = [order[labels[order] == c].tolist() for c in labels.unique().tolist()]
+    picked = [i for group in zip(*by_class) for i in group]  # round-robin
+    rest = [i for group in by_class for i in group[len(picked) // len(by_class):]]
+    return sorted((picked + rest)[:n])
+
+
+def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    """Runs the benchmark and writes ``results/<run>/``; returns the tables and paths.
+
+    Files: ``scores.csv`` (one row per image per metric), ``curves.csv.gz`` (long form),
+    ``leaderboard.md``/``.csv``, ``curves.png`` and ``run.json`` (config, seeds, models,
+    timings, git commit, package versions). They are written together or not at all.
+    """
+    cfg.validate()
+    started = time.perf_counter()
+    seed_everything(cfg.seed)
+    scores, curves, timing, models, sample_ids = [], [], [], {}, {}
+    for dataset in cfg.datasets:
+        adapter, meta = load_model(cfg.model, dataset, TrainConfig(seed=cfg.seed), progress=progress)
+        models[dataset] = meta
+        pool = create_dataset(dataset, "test", seed=cfg.seed)
+        ids = select_samples(pool.tensors()[1], cfg.n_images, cfg.seed)
+        sample_ids[dataset] = ids
+        pixels, labels, gt_pixels = pool.tensors(ids)
+        images = adapter.normalize(pixels)
+        logp_clean = log_probs(adapter, images, cfg.chunk_size)
+        pred = logp_clean.argmax(1)
+        meta["eval_accuracy"] = round((pred == labels).float().mean().item(), 4)
+        target = pred if cfg.target == "prediction" else labels
+        truth = adapter.pixel_to_patch(gt_pixels)
+        model_key = meta["key"]
+        base = {"model": model_key, "dataset": dataset}
+        seeds = torch.tensor(ids)
+        operators = {name: create_operator(name, **_operator_options(name, images, cfg.seed))
+                     for name in cfg.operators}
+        references = {name: prepare_reference(adapter, op, images, seeds, cfg.chunk_size, logp_clean)
+                      for name, op in operators.items()}
+        for method_name in cfg.methods:
+            method = create_method(method_name, adapter, **_method_options(method_name, cfg))
+            t0 = time.perf_counter()
+            maps = torch.cat([
+                method.attribute(x, t) for x, t in tqdm(
+                    list(zip(images.split(cfg.batch_size), target.split(cfg.batch_size))),
+                    desc=f"{dataset}: {method_name}", disable=not progress, leave=False)])
+            timing.append({"dataset": dataset, "method": method_name,
+                           "ms_per_image": 1000 * (time.perf_counter() - t0) / len(ids)})
+            auroc = patch_auroc(maps, truth)
+            scores += _rows(base, method_name, "-", {"auroc": auroc}, ids)
+            for op_name, op in operators.items():
+                c = faithfulness_curves(adapter, op, images, target, maps, references[op_name],
+                                        cfg.steps, cfg.chunk_size, progress=progress)
+                scores += _rows(base, method_name, op_name, c.scores(), ids)
+                curves.append(_curve_frame(base, method_name, op_name, c, ids))
+    scores_df = pd.DataFrame(scores)
+    scores_df = scores_df.dropna(subset=["value"])  # AUROC is undefined for empty/full masks
+    curves_df = pd.concat(curves, ignore_index=True)
+    timing_df = pd.DataFrame(timing)
+    summary = summarise(scores_df)
+    board = wide_leaderboard(summary)
+    markdown = render_markdown(summary, timing_df)
+    run = {
+        "config": asdict(cfg),
+        "seeds": {"run": cfg.seed, "model_training": cfg.seed, "sample_selection": cfg.seed,
+                  "noise_operator": cfg.seed, "random_method": cfg.seed},
+        "models": models,
+        "sample_ids": sample_ids,
+        "timing": {"total_seconds": round(time.perf_counter() - started, 1),
+                   "attribution_ms_per_image": timing},
+        "patchbench_version": __version__,
+        **provenance(),
+    }
+    run_dir = Path(cfg.results_dir) / cfg.run
+    write_run(run_dir, {
+        "scores.csv": lambda p: scores_df.to_csv(p, index=False, float_format="%.6g"),
+        "curves.csv.gz": lambda p: curves_df.to_csv(p, index=False, float_format="%.6g",
+                                                    compression="gzip"),
+        "leaderboard.csv": lambda p: board.to_csv(p, index=False, float_format="%.6g"),
+        "leaderboard.md": lambda p: p.write_text(f"# patchbench leaderboard: {cfg.run}\n\n{markdown}"),
+        "curves.png": lambda p: plot_curves(curves_df, p),
+        "run.json": lambda p: write_json(p, run),
+    })
+    return {"markdown": markdown, "scores": scores_df, "curves": curves_df, "summary": summary,
+            "leaderboard": board, "run_dir": run_dir, "run": run}
+
+
+def _operator_options(name: str, images: Tensor, seed: int) -> dict[str, Any]:
+    if name == "mean":  # the evaluated images' mean colour, in model-input space
+        return {"colour": tuple(round(v, 6) for v in images.mean((0, 2, 3)).tolist())}
+    if name == "noise":
+        return {"seed": seed}
+    return {}
+
+
+def _method_options(name: str, cfg: BenchConfig) -> dict[str, Any]:
+    options = dict(cfg.method_options.get(name, {}))
+    if name == "random":
+        options.setdefault("seed", cfg.seed)
+    return options
+
+
+def _rows(base: dict[str, str], method: str, operator: str, values: dict[str, Tensor],
+          ids: list[int]) -> list[dict[str, Any]]:
+    return [{**base, "method": method, "operator": operator, "metric": metric,
+             "sample_id": sid, "value": float(v)}
+            for metric, tensor in values.items() for sid, v in zip(ids, tensor.tolist())]
+
+
+def _curve_frame(base: dict[str, str], method: str, operator: str, c: Any,
+                 ids: list[int]) -> pd.DataFrame:
+    frames = []
+    s = len(c.x)
+    for curve in CURVES:
+        for quantity, values in (("prob", c.prob[curve]), ("kl", c.kl[curve])):
+            frames.append(pd.DataFrame({
+                "curve": curve, "quantity": quantity,
+                "sample_id": torch.tensor(ids).repeat_interleave(s).numpy(),
+                "step": torch.arange(s).repeat(len(ids)).numpy(),
+                "x": c.x.repeat(len(ids)).numpy(),
+                "value": values.flatten().cpu().numpy()}))
+    df = pd.concat(frames, ignore_index=True)
+    for k, v in reversed({**base, "method": method, "operator": operator}.items()):
+        df.insert(0, k, v)
+    return df

@@ -1,0 +1,115 @@
+"""The method contract and registry.
+
+A method turns images into one relevance value per patch::
+
+    maps = method.attribute(images, target)   # [B, 3, H, W], [B] -> [B, Hp, Wp]
+
+Subclasses override only :meth:`Method._attribute`; :meth:`Method.attribute` checks the
+inputs and the output (shape, dtype, finiteness) so no method has to.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from patchbench.models.adapter import ViTAdapter
+from patchbench.registry import Registry
+
+METHODS: Registry[Method] = Registry("method")
+
+
+class MethodOutputError(ValueError):
+    """A method returned something other than finite float maps ``[B, Hp, Wp]``."""
+
+
+class Method:
+    """Base class of attribution methods.
+
+    Class attributes:
+        name: Registry name.
+        uses_gradients: Run ``_attribute`` with autograd enabled (otherwise ``no_grad``).
+
+    Args:
+        adapter: The model to explain.
+    """
+
+    name = "base"
+    uses_gradients = False
+
+    def __init__(self, adapter: ViTAdapter) -> None:
+        self.adapter = adapter
+
+    def attribute(self, images: Tensor, target: Tensor) -> Tensor:
+        """Relevance of every patch for the target class.
+
+        Args:
+            images: Model inputs ``[B, 3, H, W]`` (normalised as the model expects).
+            target: Class index per image ``[B]``.
+
+        Returns:
+            Float maps ``[B, Hp, Wp]``, finite, higher = more relevant. The map of an image
+            does not depend on the other images in the batch.
+        """
+        self._check_inputs(images, target)
+        grad = torch.enable_grad() if self.uses_gradients else torch.no_grad()
+        with grad:
+            maps = self._attribute(images, target)
+        return self._check_output(maps, images.shape[0])
+
+    def _attribute(self, images: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """Name and constructor options (part of a result's provenance)."""
+        params = inspect.signature(type(self).__init__).parameters
+        opts = {p: getattr(self, p) for p in params if p not in ("self", "adapter")
+                and hasattr(self, p)}
+        return {"name": self.name, **opts}
+
+    def _check_inputs(self, images: Tensor, target: Tensor) -> None:
+        h, w = self.adapter.img_size
+        if images.ndim != 4 or tuple(images.shape[2:]) != (h, w):
+            raise ValueError(f"{self.name}: expected images [B, C, {h}, {w}], "
+                             f"got {tuple(images.shape)}")
+        if target.shape != (images.shape[0],):
+            raise ValueError(f"{self.name}: expected target [{images.shape[0]}], "
+                             f"got {tuple(target.shape)}")
+
+    def _check_output(self, maps: Any, batch: int) -> Tensor:
+        expected = (batch, *self.adapter.grid)
+        if not isinstance(maps, Tensor):
+            raise MethodOutputError(f"method {self.name!r} returned {type(maps).__name__}, "
+                                    f"expected a tensor of shape {list(expected)}")
+        if tuple(maps.shape) != expected:
+            raise MethodOutputError(f"method {self.name!r} returned maps of shape "
+                                    f"{list(maps.shape)}, expected {list(expected)}")
+        if maps.is_complex() or maps.dtype == torch.bool:
+            raise MethodOutputError(f"method {self.name!r} returned dtype {maps.dtype}, "
+                                    "expected a real floating-point or integer tensor")
+        maps = maps.detach().float()
+        bad = ~torch.isfinite(maps)
+        if bad.any():
+            nans, infs = int(maps.isnan().sum()), int(bad.sum() - maps.isnan().sum())
+            rows = bad.flatten(1).any(1).nonzero().flatten().tolist()
+            raise MethodOutputError(f"method {self.name!r} returned {nans} NaN and {infs} "
+                                    f"infinite values (images {rows[:10]} of the batch)")
+        return maps
+
+
+def register_method(name: str | None = None):
+    """Class decorator registering a :class:`Method` subclass under ``name`` (default ``cls.name``)."""
+    return METHODS.register(name)
+
+
+def create_method(name: str, adapter: ViTAdapter, **options: Any) -> Method:
+    """Creates a registered method by name; ``options`` go to its constructor."""
+    return METHODS.create(name, adapter, **options)
+
+
+def list_methods(pattern: str | list[str] = "*") -> list[str]:
+    """Registered method names matching wildcard pattern(s), e.g. ``list_methods("*grad*")``."""
+    return METHODS.list(pattern)

@@ -1,0 +1,156 @@
+"""Faithfulness curves: deletion, insertion and LeRF, batched over images x steps.
+
+Each (image, step) pair is one row; rows are run through the removal operator in chunks,
+so the cost is that of the forward passes themselves. The clean forward pass and the
+"everything removed" pass do not depend on the map: they are computed once per image
+(:func:`prepare_reference`) and shared by every method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from patchbench.metrics.functional import (
+    CURVES,
+    auc,
+    keep_masks,
+    kl_divergence,
+    patch_ranking,
+    step_counts,
+)
+from patchbench.models.adapter import ViTAdapter
+from patchbench.models.removal import RemovalOperator
+
+
+@dataclass
+class Reference:
+    """What every method's curves share for one set of images and one operator.
+
+    Attributes:
+        logp_clean: Log-probabilities of the clean images ``[B, C]``.
+        logp_empty: Log-probabilities with every patch removed ``[B, C]``.
+        state: The operator's per-image state (e.g. baseline images), or None.
+    """
+
+    logp_clean: Tensor
+    logp_empty: Tensor
+    state: Tensor | None
+
+
+@dataclass
+class Curves:
+    """Per-image curves. ``prob[curve]`` and ``kl[curve]`` are ``[B, S + 1]`` over ``x``.
+
+    Attributes:
+        x: Fraction of patches removed (deletion, LeRF) or inserted (insertion), ``[S + 1]``.
+        prob: Probability of the target class at every point.
+        kl: KL(p_clean ‖ p_step) at every point.
+    """
+
+    x: Tensor
+    prob: dict[str, Tensor]
+    kl: dict[str, Tensor]
+
+    def scores(self) -> dict[str, Tensor]:
+        """Per-image AUCs (trapezoid over ``x`` in [0, 1]) and SRG, each ``[B]``."""
+        out = {}
+        for curve in CURVES:
+            out[f"{curve}_prob_auc"] = auc(self.x, self.prob[curve])
+            out[f"{curve}_kl_auc"] = auc(self.x, self.kl[curve])
+        out["srg"] = out["lerf_prob_auc"] - out["deletion_prob_auc"]
+        return out
+
+
+@torch.no_grad()
+def log_probs(adapter: ViTAdapter, images: Tensor, chunk_size: int = 256) -> Tensor:
+    """Log-softmax of the model's logits ``[B, C]``, in chunks."""
+    return torch.cat([adapter.logits(x).float().log_softmax(-1) for x in images.split(chunk_size)])
+
+
+@torch.no_grad()
+def prepare_reference(adapter: ViTAdapter, operator: RemovalOperator, images: Tensor,
+                      seeds: Tensor, chunk_size: int = 256,
+                      logp_clean: Tensor | None = None) -> Reference:
+    """Clean and all-removed log-probabilities and the operator's state, once per image.
+
+    Args:
+        adapter: The model.
+        operator: The removal operator.
+        images: Model inputs ``[B, 3, H, W]``.
+        seeds: Per-image seeds ``[B]`` (e.g. dataset sample ids) for random baselines.
+        chunk_size: Rows per forward pass.
+        logp_clean: Clean log-probabilities if already computed (shared across operators).
+    """
+    if logp_clean is None:
+        logp_clean = log_probs(adapter, images, chunk_size)
+    state = operator.prepare(adapter, images, seeds)
+    none_kept = torch.zeros(images.shape[0], adapter.num_patches, dtype=torch.bool,
+                            device=images.device)
+    empty = []
+    for rows in torch.arange(images.shape[0]).split(chunk_size):
+        logits = operator(adapter, images[rows], none_kept[rows],
+                          None if state is None else state[rows])
+        empty.append(logits.float().log_softmax(-1))
+    return Reference(logp_clean, torch.cat(empty), state)
+
+
+@torch.no_grad()
+def faithfulness_curves(adapter: ViTAdapter, operator: RemovalOperator, images: Tensor,
+                        target: Tensor, maps: Tensor, reference: Reference,
+                        steps: int | None = None, chunk_size: int = 256,
+                        progress: bool = False) -> Curves:
+    """Deletion, insertion and LeRF curves of target probability and KL for every image.
+
+    Args:
+        adapter: The model.
+        operator: How patches are removed.
+        images: Model inputs ``[B, 3, H, W]``.
+        target: Class whose probability is tracked ``[B]``.
+        maps: Relevance ``[B, Hp, Wp]``; patches are ordered by it, ties by patch index.
+        reference: From :func:`prepare_reference` for the same images and operator.
+        steps: Number of steps (``None``: one per patch); see :func:`step_counts`.
+        chunk_size: (image, step) rows per forward pass.
+        progress: Show a progress bar.
+
+    Returns:
+        :class:`Curves` with ``S + 1`` points per image and curve.
+    """
+    b, p = images.shape[0], adapter.num_patches
+    counts = step_counts(p, steps)
+    rank = patch_ranking(maps.to(images.device))
+    interior = counts[1:-1]
+    # rows: curve-major, then step, then image, so a chunk holds few distinct kept counts
+    # (the 'drop' operator runs one sequence length at a time)
+    jobs = [(curve, j) for curve in ("deletion", "insertion") for j in range(len(interior))]
+    n_rows = len(jobs) * b
+    logp = torch.empty(n_rows, reference.logp_clean.shape[1], device=images.device)
+    row_img = torch.arange(b, device=images.device).repeat(len(jobs))
+    masks = {c: keep_masks(rank, interior, c) for c in ("deletion", "insertion")}
+    row_keep = torch.cat([masks[c][:, j] for c, j in jobs])  # [n_rows, P]
+    bar = tqdm(total=n_rows, desc=f"curves ({operator.name})", disable=not progress, leave=False)
+    for rows in torch.arange(n_rows, device=images.device).split(chunk_size):
+        img = row_img[rows]
+        state = None if reference.state is None else reference.state[img]
+        logp[rows] = operator(adapter, images[img], row_keep[rows], state).float().log_softmax(-1)
+        bar.update(len(rows))
+    bar.close()
+    logp = logp.view(len(jobs), b, -1)
+    clean, empty = reference.logp_clean, reference.logp_empty
+    steps_logp = {
+        "deletion": torch.stack([clean, *logp[: len(interior)], empty], 1),
+        "insertion": torch.stack([empty, *logp[len(interior):], clean], 1),
+    }
+    # LeRF removes from the back of the same ranking: removing c patches keeps the top
+    # P - c, i.e. the insertion point at P - c; the symmetric grid makes that c[S - j]
+    steps_logp["lerf"] = steps_logp["insertion"].flip(1)
+    x = counts.float() / p
+    prob, kl = {}, {}
+    idx = target.to(images.device).view(-1, 1, 1)
+    for curve, lp in steps_logp.items():
+        prob[curve] = lp.gather(2, idx.expand(-1, lp.shape[1], 1)).squeeze(2).exp()
+        kl[curve] = kl_divergence(clean.unsqueeze(1), lp)
+    return Curves(x, prob, kl)

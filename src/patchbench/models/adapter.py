@@ -1,0 +1,206 @@
+"""Adapter that exposes what attribution methods and the harness need from a timm ViT.
+
+Everything geometric (patch grid, patch size, prefix tokens) is read from the model, so
+register tokens, DeiT's distillation token and non-square grids work unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class NotAViTError(TypeError):
+    """Raised when a model lacks the token structure a ViT adapter needs."""
+
+
+class ViTAdapter:
+    """Wraps a timm ``VisionTransformer`` (or subclass) in evaluation mode.
+
+    Args:
+        model: A timm vision transformer. It is put in ``eval()`` mode.
+        mean: Per-channel normalisation mean of the model's input (pixel values in [0, 1]).
+            Defaults to the model's ``pretrained_cfg``.
+        std: Per-channel normalisation std, as ``mean``.
+        key: An identifier of the weights (used to tie caches and checkpoints to the model).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        key: str = "",
+    ) -> None:
+        missing = [a for a in ("patch_embed", "blocks", "num_prefix_tokens", "_pos_embed")
+                   if not hasattr(model, a)]
+        if missing:
+            raise NotAViTError(
+                f"{type(model).__name__} is not a timm VisionTransformer: it has no "
+                f"{', '.join(missing)}; patch-token methods and the 'drop' operator need one."
+            )
+        self.model = model.eval()
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        self.mean = tuple(mean if mean is not None else cfg.get("mean", (0.5, 0.5, 0.5)))
+        self.std = tuple(std if std is not None else cfg.get("std", (0.5, 0.5, 0.5)))
+        self.key = key
+
+    # ---- geometry -------------------------------------------------------------------------
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (Hp, Wp)."""
+        return tuple(int(g) for g in self.model.patch_embed.grid_size)  # type: ignore[return-value]
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """Patch size in pixels (ph, pw)."""
+        return tuple(int(p) for p in self.model.patch_embed.patch_size)  # type: ignore[return-value]
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return (self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1])
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Class, register and distillation tokens placed before the patch tokens."""
+        return int(self.model.num_prefix_tokens)
+
+    @property
+    def has_class_token(self) -> bool:
+        return getattr(self.model, "cls_token", None) is not None
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- pixels <-> patches ---------------------------------------------------------------
+    def normalize(self, images: Tensor) -> Tensor:
+        """Pixel values in [0, 1] ``[B, 3, H, W]`` -> model input."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def patch_to_pixel(self, patch_values: Tensor) -> Tensor:
+        """Broadcasts per-patch values ``[B, P]`` or ``[B, Hp, Wp]`` to pixels ``[B, 1, H, W]``."""
+        grid = patch_values.reshape(-1, 1, *self.grid)
+        return grid.repeat_interleave(self.patch_size[0], 2).repeat_interleave(self.patch_size[1], 3)
+
+    def pixel_to_patch(self, pixel_mask: Tensor) -> Tensor:
+        """Pools a pixel mask ``[B, H, W]`` to patches ``[B, Hp, Wp]`` (a patch is in if any pixel is)."""
+        pooled = F.max_pool2d(pixel_mask.float().unsqueeze(1), self.patch_size)
+        return pooled.squeeze(1) > 0
+
+    # ---- forward passes -------------------------------------------------------------------
+    def logits(self, images: Tensor) -> Tensor:
+        """Model output ``[B, C]`` for model inputs ``[B, 3, H, W]``."""
+        return self.model(images)
+
+    def patch_embeddings(self, images: Tensor) -> Tensor:
+        """h0: patch embeddings before position embeddings and prefix tokens, ``[B, P, D]``."""
+        x = self.model.patch_embed(images)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def forward_embeddings(
+        self, h0: Tensor, keep_index: Tensor | None = None, hidden: bool = False
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Runs the model from patch embeddings, optionally on a subset of patch tokens.
+
+        Args:
+            h0: Patch embeddings ``[B, P, D]`` (possibly edited, e.g. masked by DiffMask).
+            keep_index: ``[B, K]`` indices of the patch tokens to keep; the others are left
+                out of the sequence. Kept tokens keep their own position embeddings.
+            hidden: Also return the hidden states h0 … h(L+1).
+
+        Returns:
+            Logits ``[B, C]``, and with ``hidden`` the list of hidden states: h0 ``[B, P, D]``,
+            then the input of every block and the output of the last one ``[B, N, D]``.
+        """
+        m = self.model
+        x = h0
+        if getattr(m, "dynamic_img_size", False):  # timm then expects NHWC patch embeddings
+            x = x.reshape(x.shape[0], *self.grid, x.shape[-1])
+        x = m._pos_embed(x)
+        if keep_index is not None:
+            npt = self.num_prefix_tokens
+            patches = x[:, npt:].gather(1, keep_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :npt], patches], dim=1)
+        x = m.norm_pre(m.patch_drop(x))
+        states = [h0]
+        for blk in m.blocks:
+            states.append(x)
+            x = blk(x)
+        states.append(x)
+        logits = m.forward_head(m.norm(x))
+        return (logits, states) if hidden else logits
+
+    def hidden_states(self, images: Tensor) -> list[Tensor]:
+        """h0 … h(L+1) for model inputs ``[B, 3, H, W]`` (see :meth:`forward_embeddings`)."""
+        return self.forward_embeddings(self.patch_embeddings(images), hidden=True)[1]
+
+    def forward_kept(self, images: Tensor, keep: Tensor) -> Tensor:
+        """Logits with the patch tokens where ``keep`` ``[B, P]`` is False left out.
+
+        Rows may keep different numbers of patches; they are run in groups of equal length.
+        """
+        h0 = self.patch_embeddings(images)
+        counts = keep.sum(1)
+        out = None
+        for count in counts.unique().tolist():
+            rows = (counts == count).nonzero().squeeze(1)
+            if count == 0 and not self.has_class_token and self.num_prefix_tokens == 0:
+                raise ValueError("cannot drop every patch of a model without prefix tokens")
+            # stable sort puts kept patches first, in their original order
+            index = torch.sort((~keep[rows]).to(torch.int8), dim=1, stable=True).indices[:, :count]
+            logits = self.forward_embeddings(h0[rows], keep_index=index)
+            if out is None:
+                out = logits.new_empty(keep.shape[0], logits.shape[-1])
+            out[rows] = logits
+        return out
+
+    # ---- attention ------------------------------------------------------------------------
+    @contextmanager
+    def record_attention(self) -> Iterator[list[Tensor]]:
+        """Records post-softmax attention ``[B, heads, N, N]`` of every block while active.
+
+        timm's fused attention never materialises the probabilities, so it is switched off
+        only inside the context; hooks and the fused flag are restored even on exceptions.
+        """
+        records: list[Tensor] = []
+        attns = [blk.attn for blk in self.model.blocks]
+        if not all(hasattr(a, "attn_drop") and hasattr(a, "fused_attn") for a in attns):
+            raise NotAViTError(f"{type(self.model).__name__}: attention modules are not timm's")
+        fused = [a.fused_attn for a in attns]
+        handles = []
+        try:
+            for a in attns:
+                a.fused_attn = False
+                handles.append(a.attn_drop.register_forward_hook(
+                    lambda _m, inputs, _o: records.append(inputs[0])))
+            yield records
+        finally:
+            for h in handles:
+                h.remove()
+            for a, f in zip(attns, fused):
+                a.fused_attn = f
+
+    def attention(self, images: Tensor) -> list[Tensor]:
+        """Post-softmax attention of every block, ``L`` tensors ``[B, heads, N, N]``."""
+        with self.record_attention() as records:
+            self.logits(images)
+        return list(records)

@@ -1,0 +1,185 @@
+"""Removal operators: how a patch is "removed" before the model sees the image.
+
+Every operator gets the clean images once (``prepare``) and then any number of keep masks.
+Pixel operators replace whole patches by a baseline image made once per image from the
+clean image (never from an already perturbed one); ``drop`` leaves tokens out of the
+sequence, so no out-of-distribution pixels are shown and fewer tokens cost less.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torchvision.transforms.functional as TF
+from torch import Tensor
+
+from patchbench.models.adapter import ViTAdapter
+from patchbench.registry import Registry
+
+OPERATORS: Registry[RemovalOperator] = Registry("operator")
+
+
+class RemovalOperator:
+    """Base class. Subclasses set ``name`` and override :meth:`__call__` (and ``prepare``)."""
+
+    name = "base"
+
+    def prepare(self, adapter: ViTAdapter, images: Tensor, seeds: Tensor) -> Tensor | None:
+        """Per-image state computed once from the clean images.
+
+        Args:
+            adapter: The model.
+            images: Clean model inputs ``[B, 3, H, W]``.
+            seeds: One int64 seed per image ``[B]``, so random baselines do not depend on
+                the batch an image comes in.
+
+        Returns:
+            A tensor whose first dimension is B (rows are gathered per image), or None.
+        """
+        return None
+
+    def __call__(
+        self, adapter: ViTAdapter, images: Tensor, keep: Tensor, state: Tensor | None
+    ) -> Tensor:
+        """Logits ``[B, C]`` for ``images`` with the patches where ``keep`` ``[B, P]`` is False removed."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+class PixelOperator(RemovalOperator):
+    """Replaces removed patches, whole, by the pixels of a per-image baseline image."""
+
+    def baseline(self, adapter: ViTAdapter, images: Tensor, seeds: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def prepare(self, adapter: ViTAdapter, images: Tensor, seeds: Tensor) -> Tensor:
+        return self.baseline(adapter, images, seeds)
+
+    def __call__(
+        self, adapter: ViTAdapter, images: Tensor, keep: Tensor, state: Tensor | None
+    ) -> Tensor:
+        return adapter.logits(composite(adapter, images, keep, state))
+
+
+def composite(adapter: ViTAdapter, images: Tensor, keep: Tensor, baseline: Tensor) -> Tensor:
+    """Images with the patches where ``keep`` ``[B, P]`` is False taken from ``baseline``."""
+    return torch.where(adapter.patch_to_pixel(keep).bool(), images, baseline)
+
+
+@OPERATORS.register("mean")
+class MeanOperator(PixelOperator):
+    """Removed patches take the dataset's mean colour.
+
+    Args:
+        colour: Per-channel mean colour in model-input (normalised) space. The benchmark
+            runner passes the mean over the evaluated dataset; without it, the model's
+            normalisation mean (0 in normalised space) is used.
+    """
+
+    name = "mean"
+
+    def __init__(self, colour: tuple[float, ...] | None = None) -> None:
+        self.colour = tuple(colour) if colour is not None else None
+
+    def baseline(self, adapter: ViTAdapter, images: Tensor, seeds: Tensor) -> Tensor:
+        colour = torch.tensor(self.colour or (0.0,) * images.shape[1], dtype=images.dtype,
+                              device=images.device)
+        return colour.view(1, -1, 1, 1).expand_as(images)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "colour": self.colour}
+
+
+@OPERATORS.register("zero")
+class ZeroOperator(PixelOperator):
+    """Removed patches become black: pixel value 0 before normalisation."""
+
+    name = "zero"
+
+    def baseline(self, adapter: ViTAdapter, images: Tensor, seeds: Tensor) -> Tensor:
+        black = adapter.normalize(torch.zeros(1, images.shape[1], 1, 1, device=images.device))
+        return black.to(images.dtype).expand_as(images)
+
+
+@OPERATORS.register("blur")
+class BlurOperator(PixelOperator):
+    """Removed patches take the pixels of a Gaussian-blurred copy of the clean image.
+
+    Args:
+        sigma: Blur standard deviation in patches (default one patch).
+    """
+
+    name = "blur"
+
+    def __init__(self, sigma: float = 1.0) -> None:
+        self.sigma = sigma
+
+    def baseline(self, adapter: ViTAdapter, images: Tensor, seeds: Tensor) -> Tensor:
+        sigma = self.sigma * max(adapter.patch_size)
+        # reflect padding needs the kernel's half-width below the image size
+        half = min(math.ceil(3 * sigma), min(images.shape[-2:]) - 1)
+        return TF.gaussian_blur(images, [2 * half + 1] * 2, [sigma, sigma])
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "sigma_patches": self.sigma}
+
+
+@OPERATORS.register("noise")
+class NoiseOperator(PixelOperator):
+    """Removed pixels take uniform random colours in [0, 1] (before normalisation).
+
+    The noise is drawn once per image from a generator seeded by ``(seed, image seed)``:
+    the same image always gets the same noise, whatever batch it is in.
+
+    Args:
+        seed: Run seed mixed into every image's seed.
+    """
+
+    name = "noise"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def baseline(self, adapter: ViTAdapter, images: Tensor, seeds: Tensor) -> Tensor:
+        noise = torch.empty(images.shape, dtype=torch.float32)
+        for i, s in enumerate(seeds.tolist()):
+            g = torch.Generator().manual_seed(hash_seed(self.seed, s))
+            noise[i] = torch.rand(images.shape[1:], generator=g)
+        return adapter.normalize(noise.to(images.device)).to(images.dtype)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "seed": self.seed}
+
+
+@OPERATORS.register("drop")
+class DropOperator(RemovalOperator):
+    """Removed patch tokens are left out of the sequence; kept ones keep their positions."""
+
+    name = "drop"
+
+    def __call__(
+        self, adapter: ViTAdapter, images: Tensor, keep: Tensor, state: Tensor | None
+    ) -> Tensor:
+        return adapter.forward_kept(images, keep)
+
+
+def hash_seed(*values: int) -> int:
+    """A 63-bit seed from integers, stable across processes (unlike ``hash``)."""
+    h = 1469598103934665603
+    for v in values:
+        for byte in int(v).to_bytes(8, "little", signed=True):
+            h = ((h ^ byte) * 1099511628211) % (1 << 64)
+    return h >> 1
+
+
+def create_operator(name: str, **kwargs: Any) -> RemovalOperator:
+    """Creates a removal operator by name (``list_operators()`` gives the names)."""
+    return OPERATORS.create(name, **kwargs)
+
+
+def list_operators(pattern: str = "*") -> list[str]:
+    return OPERATORS.list(pattern)
