@@ -1,0 +1,116 @@
+"""End-to-end runs: files, determinism, tables, atomic writes, command line."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from patchbench.bench import BenchConfig, run_benchmark, select_samples
+from patchbench.bench.results import write_run
+from patchbench.cli import main
+
+SMALL = dict(datasets=("glyphs",), methods=("random", "attention", "rollout"),
+             operators=("mean", "drop"), n_images=12, steps=4)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, glyphs_model):
+    root = tmp_path_factory.mktemp("results")
+    a = run_benchmark(BenchConfig(run="a", results_dir=str(root), **SMALL), progress=False)
+    b = run_benchmark(BenchConfig(run="b", results_dir=str(root), **SMALL), progress=False)
+    return root, a, b
+
+
+def test_run_writes_all_files(two_runs):
+    root, a, _ = two_runs
+    names = {p.name for p in (root / "a").iterdir()}
+    assert names == {"scores.csv", "curves.csv.gz", "leaderboard.csv", "leaderboard.md",
+                     "curves.png", "run.json"}
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # no staging left
+    scores = pd.read_csv(root / "a" / "scores.csv")
+    assert list(scores.columns) == ["model", "dataset", "method", "operator", "metric",
+                                    "sample_id", "value"]
+    # one row per image per metric: 3 methods x (7 scores x 2 operators + AUROC)
+    assert len(scores) == 12 * 3 * (7 * 2 + 1)
+    assert scores.groupby(["method", "operator", "metric"]).size().eq(12).all()
+    curves = pd.read_csv(root / "a" / "curves.csv.gz")
+    assert set(curves.curve) == {"deletion", "insertion", "lerf"}
+    assert sorted(curves.x.unique().tolist()) == [0, 0.25, 0.5, 0.75, 1]
+    run = json.loads((root / "a" / "run.json").read_text())
+    assert run["config"]["n_images"] == 12 and run["seeds"]["run"] == 0
+    assert run["packages"]["torch"] and run["packages"]["timm"]
+    assert "git_commit" in run and len(run["sample_ids"]["glyphs"]) == 12
+    assert run["models"]["glyphs"]["test_accuracy"] >= 0.98
+
+
+def test_two_runs_give_identical_scores(two_runs):
+    root, _, _ = two_runs
+    assert (root / "a" / "scores.csv").read_bytes() == (root / "b" / "scores.csv").read_bytes()
+    assert (root / "a" / "leaderboard.csv").read_bytes() == (root / "b" / "leaderboard.csv").read_bytes()
+
+
+def test_leaderboard_sorted_by_main_score_with_arrows(two_runs):
+    root, a, _ = two_runs
+    md = (root / "a" / "leaderboard.md").read_text()
+    assert "SRG ↑" in md and "Del p ↓" in md and "LeRF KL ↓" in md and "AUROC ↑" in md and " ± " in md
+    board = pd.read_csv(root / "a" / "leaderboard.csv")
+    for _, group in board.groupby("operator"):
+        assert group.srg.is_monotonic_decreasing
+        assert set(group.method) == {"random", "attention", "rollout"}
+        assert (group.n == 12).all() and (group.srg_ci95 > 0).all()
+    # the mean in the table is the mean of the per-image rows
+    s = a["scores"]
+    want = s[(s.method == "rollout") & (s.operator == "drop") & (s.metric == "srg")].value.mean()
+    got = board[(board.method == "rollout") & (board.operator == "drop")].srg.item()
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_failed_write_keeps_previous_run_and_leaves_nothing(tmp_path):
+    run_dir = tmp_path / "r"
+    write_run(run_dir, {"a.txt": lambda p: p.write_text("old")})
+
+    def broken(path):
+        path.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_run(run_dir, {"a.txt": lambda p: p.write_text("new"), "b.txt": broken})
+    assert (run_dir / "a.txt").read_text() == "old" and not (run_dir / "b.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]
+
+
+def test_select_samples_is_stratified_and_seeded():
+    labels = torch.tensor([0] * 90 + [1] * 5 + [2] * 5)
+    ids = select_samples(labels, 9, seed=0)
+    assert sorted(torch.bincount(labels[ids], minlength=3).tolist()) == [3, 3, 3]
+    assert ids == select_samples(labels, 9, seed=0) and ids != select_samples(labels, 9, seed=1)
+    assert len(set(select_samples(labels, 100, seed=0))) == 100
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["bench", "--methods", "rolout"], "Did you mean 'rollout'"),
+    (["bench", "--datasets", "cifar"], "Valid datasets: glyphs, toy-count"),
+    (["bench", "--operators", "blurr"], "Did you mean 'blur'"),
+    (["bench", "--model", "vit-b"], "Valid models: pb-vit-tiny"),
+    (["bench", "--methods", "nothing*"], "no method matches"),
+])
+def test_unknown_names_list_valid_ones(args, needle, capsys, tmp_path):
+    assert main([*args, "--results-dir", str(tmp_path)]) == 2
+    assert needle in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_on_every_subcommand():
+    for cmd in ([], ["bench"], ["train"], ["list"]):
+        out = subprocess.run([sys.executable, "-m", "patchbench", *cmd, "--help"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "usage: patchbench" in out.stdout
+
+
+def test_list_command(capsys):
+    assert main(["list", "methods", "*grad*"]) == 0
+    out = capsys.readouterr().out
+    assert "gradcam" in out and "integrated_gradients" in out and "rollout" not in out
