@@ -13,7 +13,7 @@ ARGS ?=
 install: $(VENV)/.synced
 
 $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 	@touch $@
 
 .tools/bin/uv:
