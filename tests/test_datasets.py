@@ -25,7 +25,7 @@ def test_sample_contract(name):
     ds = create_dataset(name, "test", size=300)
     x, y, m = ds.tensors()
     assert x.shape == (300, 3, *ds.image_size) and x.dtype == torch.float32
-    assert 0 <= x.min() and x.max() <= 1
+    assert x.min() >= 0 and x.max() <= 1
     assert m.shape == (300, *ds.image_size) and m.dtype == torch.bool
     counts = torch.bincount(y, minlength=ds.num_classes)
     assert len(counts) == ds.num_classes and counts.min() > 300 / ds.num_classes / 3

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_vit
+
 from patchbench.methods import METHODS, Method, MethodOutputError, create_method, list_methods
 from patchbench.models import ViTAdapter
 

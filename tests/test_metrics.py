@@ -136,7 +136,8 @@ def test_harness_matches_slow_reference(tiny, op_name):
                 assert torch.allclose(have, want, atol=TOL), (curve, q, (have - want).abs().max())
         scores = got.scores()
         for curve in CURVES:
-            want = torch.stack([auc(x, torch.tensor(row, dtype=torch.float64)) for row in slow[curve]["prob"]])
+            rows = torch.tensor(slow[curve]["prob"], dtype=torch.float64)
+            want = torch.stack([auc(x, row) for row in rows])
             assert torch.allclose(scores[f"{curve}_prob_auc"].double(), want, atol=TOL)
         assert torch.allclose(scores["srg"], scores["lerf_prob_auc"] - scores["deletion_prob_auc"])
 

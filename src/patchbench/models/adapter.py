@@ -78,6 +78,10 @@ class ViTAdapter:
         return getattr(self.model, "cls_token", None) is not None
 
     @property
+    def _pools_patches(self) -> bool:
+        return getattr(self.model, "global_pool", "token") not in ("token", "")
+
+    @property
     def depth(self) -> int:
         return len(self.model.blocks)
 
@@ -163,8 +167,11 @@ class ViTAdapter:
         out = None
         for count in counts.unique().tolist():
             rows = (counts == count).nonzero().squeeze(1)
-            if count == 0 and not self.has_class_token and self.num_prefix_tokens == 0:
-                raise ValueError("cannot drop every patch of a model without prefix tokens")
+            if count == 0 and (self.num_prefix_tokens == 0 or self._pools_patches):
+                raise ValueError(
+                    "the 'drop' operator cannot remove every patch of a model whose head "
+                    f"pools patch tokens (global_pool={getattr(self.model, 'global_pool', None)!r}, "
+                    f"{self.num_prefix_tokens} prefix tokens): nothing would be left to pool")
             # stable sort puts kept patches first, in their original order
             index = torch.sort((~keep[rows]).to(torch.int8), dim=1, stable=True).indices[:, :count]
             logits = self.forward_embeddings(h0[rows], keep_index=index)
