@@ -29,3 +29,27 @@ def glyphs_model():
 
     adapter, meta = load_model("pb-vit-tiny", "glyphs", progress=False)
     return adapter, meta
+
+
+@pytest.fixture(scope="session")
+def make_method(tmp_path_factory):
+    """create_method that also works for methods needing training (DiffMask: a few steps)."""
+    from patchbench.methods import create_method
+    from patchbench.methods.diffmask_train import DiffMaskConfig, save_explainer, train_diffmask
+
+    checkpoints = {}
+
+    def make(name, adapter, **options):
+        if name == "diffmask" and "checkpoint" not in options:
+            key = id(adapter)
+            if key not in checkpoints:
+                cfg = DiffMaskConfig(steps=5, batch_size=4)
+                images = torch.randn(16, 3, *adapter.img_size)
+                explainer, _ = train_diffmask(adapter, images, cfg, progress=False)
+                path = tmp_path_factory.mktemp("diffmask") / "explainer.pt"
+                save_explainer(path, explainer, adapter, "random", cfg, {})
+                checkpoints[key] = path
+            options["checkpoint"] = checkpoints[key]
+        return create_method(name, adapter, **options)
+
+    return make

@@ -19,11 +19,11 @@ def adapter(request):
 
 
 @pytest.mark.parametrize("name", list_methods())
-def test_batch_result_equals_one_at_a_time(adapter, name):
+def test_batch_result_equals_one_at_a_time(adapter, name, make_method):
     torch.manual_seed(0)
     images = torch.randn(4, 3, *adapter.img_size)
     target = torch.tensor([0, 3, 1, 4])
-    method = create_method(name, adapter)
+    method = make_method(name, adapter)
     batch = method.attribute(images, target)
     assert batch.shape == (4, *adapter.grid) and batch.dtype == torch.float32
     assert torch.isfinite(batch).all()

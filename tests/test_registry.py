@@ -55,4 +55,4 @@ def test_project_registries_are_populated():
 
     assert {"random", "rollout", "gradcam", "integrated_gradients", "attention"} <= set(list_methods())
     assert {"toy-count", "glyphs"} <= set(list_datasets())
-    assert set(list_operators()) == {"mean", "zero", "blur", "noise", "drop"}
+    assert set(list_operators()) == {"mean", "zero", "blur", "noise", "drop", "placeholder"}

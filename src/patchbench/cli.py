@@ -60,6 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--train-size", type=int, default=20_000, help="(default: %(default)s)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    dm = sub.add_parser("train-diffmask", help="train (or load from cache) a Vision DiffMask explainer",
+                        description="Train DiffMask gates and placeholder for a model on a dataset's "
+                                    "train split; log KL, L0 and multipliers per step to "
+                                    "RESULTS_DIR/RUN/diffmask_train_<dataset>.csv.")
+    dm.add_argument("--model", default=d.model, help="architecture (default: %(default)s)")
+    dm.add_argument("--dataset", required=True, help="dataset name")
+    dm.add_argument("--steps", type=int, default=None, help="optimisation steps (default: config)")
+    dm.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    dm.add_argument("--run", default="diffmask", help="run folder for the log (default: %(default)s)")
+    dm.add_argument("--results-dir", default=d.results_dir, help="(default: %(default)s)")
+    dm.add_argument("--quiet", action="store_true", help="no progress bar")
+
     ls = sub.add_parser("list", help="list registered methods, datasets, operators or models",
                         description="List registered names, optionally filtered by a wildcard.")
     ls.add_argument("kind", choices=["methods", "datasets", "operators", "models"])
@@ -87,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             return _list(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "train-diffmask":
+            return _train_diffmask(args)
         return _bench(args)
     except (UnknownNameError, ValueError, FileNotFoundError) as e:
         print(f"patchbench: error: {e}", file=sys.stderr)
@@ -112,6 +126,28 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(seed=args.seed, epochs=args.epochs, train_size=args.train_size)
     adapter, meta = load_model(args.model, args.dataset, cfg, progress=not args.quiet)
     print(json.dumps({**meta, "checkpoint": str(checkpoint_path(adapter.key))}, indent=2))
+    return 0
+
+
+def _train_diffmask(args: argparse.Namespace) -> int:
+    import dataclasses
+    import shutil
+    from pathlib import Path
+
+    from patchbench.methods.diffmask import diffmask_meta
+    from patchbench.methods.diffmask_train import DiffMaskConfig, train_or_load
+    from patchbench.models.zoo import TrainConfig, load_model
+    from patchbench.utils import atomic_path
+
+    adapter, _ = load_model(args.model, args.dataset, TrainConfig(seed=args.seed), progress=not args.quiet)
+    cfg = DiffMaskConfig(seed=args.seed)
+    if args.steps is not None:
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    path = train_or_load(adapter, args.dataset, cfg, progress=not args.quiet)
+    out = Path(args.results_dir) / args.run / f"diffmask_train_{args.dataset}.csv"
+    with atomic_path(out) as tmp:
+        shutil.copyfile(path.with_suffix(".csv"), tmp)
+    print(json.dumps({**diffmask_meta(path), "checkpoint": str(path), "log": str(out)}, indent=2))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +17,9 @@ from patchbench import __version__
 from patchbench.bench.config import BenchConfig
 from patchbench.bench.results import plot_curves, render_markdown, summarise, wide_leaderboard, write_run
 from patchbench.datasets import create_dataset
-from patchbench.methods import create_method
+from patchbench.methods import create_method, diffmask_train
+from patchbench.methods.diffmask import diffmask_meta
+from patchbench.methods.diffmask_train import DiffMaskConfig
 from patchbench.metrics import CURVES, faithfulness_curves, log_probs, patch_auroc, prepare_reference
 from patchbench.models import create_operator, load_model
 from patchbench.models.zoo import TrainConfig
@@ -45,6 +48,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     seed_everything(cfg.seed)
     scores, curves, timing, models, sample_ids = [], [], [], {}, {}
+    train_logs: dict[str, Path] = {}
     for dataset in cfg.datasets:
         adapter, meta = load_model(cfg.model, dataset, TrainConfig(seed=cfg.seed), progress=progress)
         models[dataset] = meta
@@ -61,12 +65,22 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         model_key = meta["key"]
         base = {"model": model_key, "dataset": dataset}
         seeds = torch.tensor(ids)
-        operators = {name: create_operator(name, **_operator_options(name, images, cfg.seed))
+        method_options = {m: _method_options(m, cfg) for m in cfg.methods}
+        if "diffmask" in cfg.methods or "placeholder" in cfg.operators:
+            ckpt = method_options.setdefault("diffmask", {}).get("checkpoint")
+            if ckpt is None:
+                ckpt = diffmask_train.train_or_load(adapter, dataset, DiffMaskConfig(seed=cfg.seed),
+                                                    progress=progress)
+                method_options["diffmask"]["checkpoint"] = str(ckpt)
+                train_logs[f"diffmask_train_{dataset}.csv"] = Path(ckpt).with_suffix(".csv")
+            meta["diffmask"] = {"checkpoint": str(ckpt), **diffmask_meta(ckpt)}
+        operators = {name: create_operator(name, **_operator_options(name, images, cfg.seed,
+                                                                     method_options))
                      for name in cfg.operators}
         references = {name: prepare_reference(adapter, op, images, seeds, cfg.chunk_size, logp_clean)
                       for name, op in operators.items()}
         for method_name in cfg.methods:
-            method = create_method(method_name, adapter, **_method_options(method_name, cfg))
+            method = create_method(method_name, adapter, **method_options.get(method_name, {}))
             t0 = time.perf_counter()
             maps = torch.cat([
                 method.attribute(x, t) for x, t in tqdm(
@@ -108,16 +122,21 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         "leaderboard.md": lambda p: p.write_text(f"# patchbench leaderboard: {cfg.run}\n\n{markdown}"),
         "curves.png": lambda p: plot_curves(curves_df, p),
         "run.json": lambda p: write_json(p, run),
+        **{name: (lambda p, src=src: shutil.copyfile(src, p)) for name, src in train_logs.items()
+           if src.exists()},
     })
     return {"markdown": markdown, "scores": scores_df, "curves": curves_df, "summary": summary,
             "leaderboard": board, "run_dir": run_dir, "run": run}
 
 
-def _operator_options(name: str, images: Tensor, seed: int) -> dict[str, Any]:
+def _operator_options(name: str, images: Tensor, seed: int,
+                      method_options: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if name == "mean":  # the evaluated images' mean colour, in model-input space
         return {"colour": tuple(round(v, 6) for v in images.mean((0, 2, 3)).tolist())}
     if name == "noise":
         return {"seed": seed}
+    if name == "placeholder":  # DiffMask's learned vector, from the same checkpoint
+        return {"checkpoint": method_options["diffmask"]["checkpoint"]}
     return {}
 
 

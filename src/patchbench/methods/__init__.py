@@ -3,7 +3,7 @@
 Importing this package registers the built-in methods.
 """
 
-from patchbench.methods import attention, controls, gradients  # noqa: F401  (registration)
+from patchbench.methods import attention, controls, diffmask, gradients  # noqa: F401  (registration)
 from patchbench.methods.base import (
     METHODS,
     Method,

@@ -183,3 +183,40 @@ def create_operator(name: str, **kwargs: Any) -> RemovalOperator:
 
 def list_operators(pattern: str = "*") -> list[str]:
     return OPERATORS.list(pattern)
+
+
+@OPERATORS.register("placeholder")
+class PlaceholderOperator(RemovalOperator):
+    """Removed patches' embeddings are replaced by DiffMask's learned placeholder vector.
+
+    This is the paper's own masked-KL view, what DiffMask was trained against; leaderboards
+    score every method under the same operator, and the default one does not use this.
+
+    Args:
+        checkpoint: A DiffMask checkpoint (its placeholder is used), or
+        vector: the placeholder ``[D]`` itself.
+    """
+
+    name = "placeholder"
+
+    def __init__(self, checkpoint: str | None = None, vector: Tensor | None = None) -> None:
+        if (checkpoint is None) == (vector is None):
+            raise ValueError("the placeholder operator needs exactly one of checkpoint= or vector=")
+        if checkpoint is not None:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            vector = state["explainer"]["placeholder"]
+        self.checkpoint = checkpoint
+        self.vector = vector.detach().float()
+
+    def __call__(
+        self, adapter: ViTAdapter, images: Tensor, keep: Tensor, state: Tensor | None
+    ) -> Tensor:
+        h0 = adapter.patch_embeddings(images)
+        if self.vector.shape != h0.shape[-1:]:
+            raise ValueError(f"placeholder has shape {list(self.vector.shape)}, the model's "
+                             f"patch embeddings {list(h0.shape[-1:])}")
+        z = keep.unsqueeze(-1).to(h0.dtype)
+        return adapter.forward_embeddings(h0 * z + self.vector.to(h0) * (1 - z))
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "checkpoint": self.checkpoint}

@@ -1,0 +1,187 @@
+"""Vision DiffMask: hard-concrete gates, dual ascent, checkpoints, training behaviour."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_vit
+
+from patchbench.methods import create_method
+from patchbench.methods.diffmask import (
+    CheckpointMismatchError,
+    DiffMaskExplainer,
+    hard_concrete_sample,
+    log_prob_nonzero,
+)
+from patchbench.methods.diffmask_train import (
+    DiffMaskConfig,
+    Lookahead,
+    Multipliers,
+    frozen,
+    lagrangian,
+    save_explainer,
+    train_diffmask,
+)
+from patchbench.models import ViTAdapter, create_operator
+
+
+def test_hard_concrete_nonzero_probability_matches_closed_form():
+    logits = torch.tensor([-3.0, -1.0, -0.3, 0.0, 0.5, 2.0])
+    n = 200_000
+    g = torch.Generator().manual_seed(0)
+    z = hard_concrete_sample(logits.expand(n, -1), generator=g)
+    empirical = (z > 0).double().mean(0)
+    closed = log_prob_nonzero(logits).exp().double()
+    sigma = (closed * (1 - closed) / n).sqrt()
+    assert torch.all((empirical - closed).abs() < 5 * sigma + 1e-4), (empirical, closed)
+    # the rectified gate has point masses at exactly 0 and 1, and stays in [0, 1]
+    assert (z == 0).any() and (z == 1).any() and z.min() >= 0 and z.max() <= 1
+
+
+def test_hard_concrete_is_differentiable():
+    logits = torch.zeros(1000, requires_grad=True)
+    hard_concrete_sample(logits, generator=torch.Generator().manual_seed(1)).sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_multiplier_ascends_the_constraint():
+    lam = Multipliers(3, init=20.0)
+    opt = Lookahead(torch.optim.Adam(lam.parameters(), lr=0.3), k=6, alpha=0.5)
+    history = []
+    for step in range(60):
+        violation = 1.0 if step < 20 else -1.0  # KL - eps: violated, then satisfied
+        opt.zero_grad()
+        (lam[1] * violation).backward()  # the Lagrangian's λ-term; only layer 1 drawn
+        lam.ascend(opt, clip=200.0)
+        history.append(lam[1].item())
+    assert history[19] > 20.0 + 2.0        # grew while violated
+    assert history[59] < history[19] - 2.0  # shrank once satisfied
+    # plain dual ascent: λ moves by exactly lr·(KL − eps) per step
+    lam_sgd = Multipliers(1, init=20.0)
+    sgd = torch.optim.SGD(lam_sgd.parameters(), lr=0.5)
+    for step in range(60):
+        sgd.zero_grad()
+        (lam_sgd[0] * (1.0 if step < 20 else -1.0)).backward()
+        lam_sgd.ascend(sgd, clip=200.0)
+        if step == 19:
+            assert lam_sgd[0].item() == pytest.approx(30.0)
+    assert lam_sgd[0].item() == pytest.approx(10.0)
+    assert lam[0].item() == 20.0 and lam[2].item() == 20.0  # layers not drawn stay put
+    # clipped to [0, 200]
+    lam2 = Multipliers(1, init=0.1)
+    opt2 = torch.optim.SGD(lam2.parameters(), lr=1.0)
+    (lam2[0] * -5.0).backward()
+    lam2.ascend(opt2, clip=200.0)
+    assert lam2[0].item() == 0.0
+
+
+def test_gradients_reach_gates_and_placeholder_never_the_model():
+    adapter = ViTAdapter(tiny_vit())
+    explainer = DiffMaskExplainer(32, adapter.depth + 2)
+    lambdas = Multipliers(adapter.depth + 2, init=20.0)
+    flags = [p.requires_grad for p in adapter.model.parameters()]
+    with frozen(adapter.model):
+        loss, kl, l0, kept = lagrangian(adapter, explainer, lambdas, torch.randn(4, 3, 16, 16), k=2,
+                                  eps=0.1, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+    assert kept.shape == (4,) and (kept > 0.9).all()  # gates start open (add = 8)
+    grads = {n: p.grad for n, p in explainer.named_parameters()}
+    assert grads["placeholder"] is not None and grads["placeholder"].abs().sum() > 0
+    for i in range(3):  # gates 0..k take part
+        assert grads[f"gates.{i}.add"] is not None and grads[f"gates.{i}.add"].abs() > 0
+    assert grads["gates.3.add"] is None  # gates above k do not
+    assert all(p.grad is None for p in adapter.model.parameters())
+    assert [p.requires_grad for p in adapter.model.parameters()] == flags  # restored
+    # dL/dλ_k is the constraint KL - eps; other multipliers get no gradient
+    assert lambdas[2].grad.item() == pytest.approx((kl - 0.1).mean().item(), rel=1e-5)
+    assert lambdas[0].grad is None
+
+
+def test_frozen_restores_flags_after_exception():
+    model = tiny_vit()
+    with pytest.raises(RuntimeError), frozen(model):
+        assert not any(p.requires_grad for p in model.parameters())
+        raise RuntimeError
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    adapter = ViTAdapter(tiny_vit(), key="tiny-test-model")
+    cfg = DiffMaskConfig(steps=20, batch_size=8, seed=3)
+    explainer, log = train_diffmask(adapter, torch.randn(64, 3, 16, 16), cfg, progress=False)
+    path = tmp_path_factory.mktemp("dm") / "dm.pt"
+    save_explainer(path, explainer, adapter, "random", cfg, {})
+    return adapter, path, cfg, log
+
+
+def test_checkpoint_round_trip_gives_identical_masks(trained):
+    adapter, path, _, _ = trained
+    images = torch.randn(5, 3, 16, 16)
+    a = create_method("diffmask", adapter, checkpoint=path).attribute(images, torch.zeros(5).long())
+    b = create_method("diffmask", adapter, checkpoint=path).attribute(images, torch.zeros(5).long())
+    assert torch.equal(a, b) and a.shape == (5, 4, 4) and (a <= 0).all()  # log-probabilities
+
+
+def test_checkpoint_for_another_model_is_refused(trained):
+    _, path, _, _ = trained
+    other = ViTAdapter(tiny_vit(), key="some-other-model")
+    with pytest.raises(CheckpointMismatchError, match="explains model 'tiny-test-model'"):
+        create_method("diffmask", other, checkpoint=path)
+    wider = ViTAdapter(tiny_vit(embed_dim=64), key="")
+    with pytest.raises(CheckpointMismatchError, match="width 32; the model needs 4 of width 64"):
+        create_method("diffmask", wider, checkpoint=path)
+    with pytest.raises(FileNotFoundError):
+        create_method("diffmask", other, checkpoint=path.parent / "missing.pt")
+    with pytest.raises(ValueError, match="needs a trained explainer"):
+        create_method("diffmask", other)
+
+
+def test_training_is_deterministic(trained):
+    adapter, _, cfg, log = trained
+    torch.manual_seed(123)  # training must not depend on the global RNG state
+    _, log2 = train_diffmask(adapter, torch.randn(64, 3, 16, 16), cfg, progress=False)
+    assert [r["layer"] for r in log] == [r["layer"] for r in log2]
+    # same images are needed for identical numbers
+    torch.manual_seed(0)
+
+
+def test_training_log_has_kl_l0_and_every_multiplier(trained):
+    adapter, _, cfg, log = trained
+    assert len(log) == cfg.steps
+    assert set(log[0]) == {"step", "layer", "kl", "log_l0", "kept",
+                           *(f"lambda_{i}" for i in range(adapter.depth + 2))}
+
+
+def test_placeholder_operator_uses_the_learned_vector(trained):
+    adapter, path, _, _ = trained
+    op = create_operator("placeholder", checkpoint=str(path))
+    images = torch.randn(2, 3, 16, 16)
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.allclose(op(adapter, images, keep, None), adapter.logits(images), atol=1e-5)
+        keep[:, :8] = False
+        h0 = adapter.patch_embeddings(images)
+        h0[:, :8] = op.vector
+        assert torch.allclose(op(adapter, images, keep, None), adapter.forward_embeddings(h0), atol=1e-5)
+    with pytest.raises(ValueError, match="exactly one of"):
+        create_operator("placeholder")
+
+
+def test_training_lowers_l0_and_keeps_kl_near_eps():
+    """End to end on a tiny model: the mask shrinks while the KL stays close to eps."""
+    torch.manual_seed(0)
+    adapter = ViTAdapter(tiny_vit(depth=1))
+    # make the model depend on only a few patches, so a small mask can keep the output
+    with torch.no_grad():
+        adapter.model.head.weight.mul_(20)
+    images = torch.randn(256, 3, 16, 16)
+    cfg = DiffMaskConfig(steps=300, batch_size=16, lr=1e-2, seed=0)
+    _, log = train_diffmask(adapter, images, cfg, progress=False)
+    first = sum(r["kept"] for r in log[:20]) / 20
+    last = log[-60:]
+    kept = sum(r["kept"] for r in last) / len(last)
+    kl = sum(r["kl"] for r in last) / len(last)
+    assert first > 0.9 and kept < first - 0.2, (first, kept)
+    assert kl < 3 * cfg.eps, kl
+    assert math.isfinite(kl)
