@@ -114,3 +114,17 @@ def test_list_command(capsys):
     assert main(["list", "methods", "*grad*"]) == 0
     out = capsys.readouterr().out
     assert "gradcam" in out and "integrated_gradients" in out and "rollout" not in out
+
+
+def test_diffmask_in_a_run_with_placeholder_operator(tmp_path, glyphs_model):
+    cfg = BenchConfig(run="dm", results_dir=str(tmp_path), datasets=("glyphs",),
+                      methods=("random", "diffmask"), operators=("mean", "placeholder"),
+                      n_images=8, steps=4, diffmask_config={"steps": 10, "batch_size": 8})
+    out = run_benchmark(cfg, progress=False)
+    scores = out["scores"]
+    assert set(scores.method) == {"random", "diffmask"}
+    assert set(scores.operator) == {"mean", "placeholder", "-"}
+    log = pd.read_csv(tmp_path / "dm" / "diffmask_train_glyphs.csv")
+    assert len(log) == 10 and {"kl", "kept", "lambda_0", "lambda_5"} <= set(log.columns)
+    run = json.loads((tmp_path / "dm" / "run.json").read_text())
+    assert run["models"]["glyphs"]["diffmask"]["config"]["steps"] == 10

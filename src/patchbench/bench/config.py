@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_METHODS = ("random", "attention", "rollout", "gradcam", "integrated_gradients")
+DEFAULT_METHODS = ("random", "attention", "rollout", "gradcam", "integrated_gradients", "diffmask")
 
 
 @dataclass
@@ -25,6 +25,7 @@ class BenchConfig:
     chunk_size: int = 512
     results_dir: str = "results"
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    diffmask_config: dict[str, Any] = field(default_factory=dict)  # DiffMaskConfig overrides
 
     def validate(self) -> None:
         """Fails early, before any training or scoring, on an unknown name or bad value."""

@@ -69,8 +69,8 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         if "diffmask" in cfg.methods or "placeholder" in cfg.operators:
             ckpt = method_options.setdefault("diffmask", {}).get("checkpoint")
             if ckpt is None:
-                ckpt = diffmask_train.train_or_load(adapter, dataset, DiffMaskConfig(seed=cfg.seed),
-                                                    progress=progress)
+                dm_cfg = DiffMaskConfig(**{"seed": cfg.seed, **cfg.diffmask_config})
+                ckpt = diffmask_train.train_or_load(adapter, dataset, dm_cfg, progress=progress)
                 method_options["diffmask"]["checkpoint"] = str(ckpt)
                 train_logs[f"diffmask_train_{dataset}.csv"] = Path(ckpt).with_suffix(".csv")
             meta["diffmask"] = {"checkpoint": str(ckpt), **diffmask_meta(ckpt)}

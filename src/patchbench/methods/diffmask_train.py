@@ -34,12 +34,19 @@ class DiffMaskConfig:
     """Training settings. The paper's values are for ViT-B/16; where ours differ, see why.
 
     Attributes:
-        steps: Optimisation steps.
+        steps: Optimisation steps. 800 steps of 32 images reach the KL target on both
+            default datasets (toy-count: AUROC 1.0 from 500 steps on, over 3 seeds).
         batch_size: Images per step.
         eps: KL tolerance (paper: 0.1).
-        lr: Gate learning rate. Paper 2e-5 for ViT-B with ~10^5 steps; the tiny default
-            model trains in ~10^3 steps, and 1e-3 was the smallest that converged there.
+        lr: Gate learning rate. Paper 2e-5 for ViT-B over ~10^5 steps; the default models
+            get 800 steps, so 1e-3 (measured there: toy-count AUROC 1.0, final KL ≈ 0.01).
         lr_placeholder: Placeholder learning rate (paper 1e-3).
+        placeholder_init: ``zero`` (default), ``mean`` (mean patch embedding of the training
+            images) or ``normal`` (random, std of the patch embeddings; the paper's is random).
+            Measured on toy-count: from ``mean`` (a red-heavy average colour there) the learned
+            placeholder came to stand in for red, and the explainer kept every *non*-red cell
+            and replaced the red ones (AUROC 0.0 at KL 0.005): the count was unchanged, so the
+            constraint held with the opposite mask. From ``zero``: AUROC 1.0.
         multiplier_optimizer: ``adam`` (the paper's, Lookahead over Adam) or ``sgd`` (plain
             dual ascent, λ += lr (KL − eps)).
         lr_multiplier: Multiplier learning rate (paper 0.3 with Adam).
@@ -50,11 +57,12 @@ class DiffMaskConfig:
         seed: Seed of batch order, layer draws and gate noise.
     """
 
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 32
     eps: float = 0.1
     lr: float = 1e-3
     lr_placeholder: float = 1e-3
+    placeholder_init: str = "zero"
     multiplier_optimizer: str = "adam"
     lr_multiplier: float = 0.3
     multiplier_init: float = 20.0
@@ -170,9 +178,17 @@ def train_diffmask(adapter: ViTAdapter, images: Tensor, cfg: DiffMaskConfig,
     device = adapter.device
     n_states = adapter.depth + 2
     with torch.no_grad():
-        h0_mean = adapter.patch_embeddings(images[:256].to(device)).mean((0, 1))
+        h0 = adapter.patch_embeddings(images[:256].to(device))
+    if cfg.placeholder_init == "mean":
+        init = h0.mean((0, 1))
+    elif cfg.placeholder_init == "zero":
+        init = torch.zeros_like(h0[0, 0])
+    elif cfg.placeholder_init == "normal":
+        init = torch.randn(h0.shape[-1], generator=g).to(h0) * h0.std()
+    else:
+        raise ValueError(f"placeholder_init must be mean, zero or normal, got {cfg.placeholder_init!r}")
     explainer = DiffMaskExplainer(adapter.model.embed_dim, n_states, cfg.mul, cfg.add,
-                                  placeholder_init=h0_mean).to(device)
+                                  placeholder_init=init).to(device)
     gate_params = [p for n, p in explainer.named_parameters() if n != "placeholder"]
     gate_opt = Lookahead(torch.optim.Adam([
         {"params": gate_params, "lr": cfg.lr},
