@@ -105,18 +105,21 @@ def test_frozen_restores_flags_after_exception():
     assert all(p.requires_grad for p in model.parameters())
 
 
+IMAGES = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     adapter = ViTAdapter(tiny_vit(), key="tiny-test-model")
     cfg = DiffMaskConfig(steps=20, batch_size=8, seed=3)
-    explainer, log = train_diffmask(adapter, torch.randn(64, 3, 16, 16), cfg, progress=False)
+    explainer, log = train_diffmask(adapter, IMAGES, cfg, progress=False)
     path = tmp_path_factory.mktemp("dm") / "dm.pt"
     save_explainer(path, explainer, adapter, "random", cfg, {})
-    return adapter, path, cfg, log
+    return adapter, path, cfg, log, explainer
 
 
 def test_checkpoint_round_trip_gives_identical_masks(trained):
-    adapter, path, _, _ = trained
+    adapter, path, _, _, _ = trained
     images = torch.randn(5, 3, 16, 16)
     a = create_method("diffmask", adapter, checkpoint=path).attribute(images, torch.zeros(5).long())
     b = create_method("diffmask", adapter, checkpoint=path).attribute(images, torch.zeros(5).long())
@@ -124,7 +127,7 @@ def test_checkpoint_round_trip_gives_identical_masks(trained):
 
 
 def test_checkpoint_for_another_model_is_refused(trained):
-    _, path, _, _ = trained
+    _, path, _, _, _ = trained
     other = ViTAdapter(tiny_vit(), key="some-other-model")
     with pytest.raises(CheckpointMismatchError, match="explains model 'tiny-test-model'"):
         create_method("diffmask", other, checkpoint=path)
@@ -138,23 +141,26 @@ def test_checkpoint_for_another_model_is_refused(trained):
 
 
 def test_training_is_deterministic(trained):
-    adapter, _, cfg, log = trained
+    adapter, _, cfg, log, explainer = trained
     torch.manual_seed(123)  # training must not depend on the global RNG state
-    _, log2 = train_diffmask(adapter, torch.randn(64, 3, 16, 16), cfg, progress=False)
-    assert [r["layer"] for r in log] == [r["layer"] for r in log2]
-    # same images are needed for identical numbers
-    torch.manual_seed(0)
+    explainer2, log2 = train_diffmask(adapter, IMAGES, cfg, progress=False)
+    assert log == log2
+    for (name, a), b in zip(explainer.state_dict().items(), explainer2.state_dict().values()):
+        assert torch.equal(a, b), name
+    other, _ = train_diffmask(adapter, IMAGES, DiffMaskConfig(steps=20, batch_size=8, seed=4),
+                              progress=False)
+    assert not torch.equal(other.placeholder, explainer.placeholder)
 
 
 def test_training_log_has_kl_l0_and_every_multiplier(trained):
-    adapter, _, cfg, log = trained
+    adapter, _, cfg, log, _ = trained
     assert len(log) == cfg.steps
     assert set(log[0]) == {"step", "layer", "kl", "log_l0", "kept",
                            *(f"lambda_{i}" for i in range(adapter.depth + 2))}
 
 
 def test_placeholder_operator_uses_the_learned_vector(trained):
-    adapter, path, _, _ = trained
+    adapter, path, _, _, _ = trained
     op = create_operator("placeholder", checkpoint=str(path))
     images = torch.randn(2, 3, 16, 16)
     keep = torch.ones(2, 16, dtype=torch.bool)
