@@ -16,6 +16,21 @@ def tiny_vit(**kwargs) -> VisionTransformer:
     return VisionTransformer(**args).eval()
 
 
+@pytest.fixture
+def no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # the models are tiny: intra-op threads only cost time, a lot on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny() -> ViTAdapter:
     """Randomly initialised 4x4-patch ViT on 16x16 images (grid 4x4, 5 classes)."""

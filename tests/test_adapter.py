@@ -93,19 +93,7 @@ def adapter(vit) -> ViTAdapter:
     return ViTAdapter(vit)
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the models are tiny: intra-op threads only cost time, a lot on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("no_grad", "one_thread")
 
 
 # ---- geometry ---------------------------------------------------------------------------------
