@@ -43,10 +43,11 @@ class DiffMaskConfig:
         lr_placeholder: Placeholder learning rate (paper 1e-3).
         placeholder_init: ``zero`` (default), ``mean`` (mean patch embedding of the training
             images) or ``normal`` (random, std of the patch embeddings; the paper's is random).
-            Measured on toy-count: from ``mean`` (a red-heavy average colour there) the learned
-            placeholder came to stand in for red, and the explainer kept every *non*-red cell
-            and replaced the red ones (AUROC 0.0 at KL 0.005): the count was unchanged, so the
-            constraint held with the opposite mask. From ``zero``: AUROC 1.0.
+            Measured on toy-count (GPU sweeps): the mean patch embedding is a red-heavy
+            average colour that the model reads as red; from it (learned or frozen) 13 of 14
+            configurations learned the opposite mask, keeping every non-red cell and replacing
+            the red ones (AUROC 0.000-0.003, the KL constraint met: the count is unchanged).
+            From ``zero`` with the placeholder learned: AUROC 1.0 in all 9 configurations.
         multiplier_optimizer: ``adam`` (the paper's, Lookahead over Adam) or ``sgd`` (plain
             dual ascent, λ += lr (KL − eps)).
         lr_multiplier: Multiplier learning rate (paper 0.3 with Adam).
