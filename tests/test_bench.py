@@ -92,7 +92,7 @@ def test_select_samples_is_stratified_and_seeded():
 
 @pytest.mark.parametrize("args,needle", [
     (["bench", "--methods", "rolout"], "Did you mean 'rollout'"),
-    (["bench", "--datasets", "cifar"], "Valid datasets: glyphs, toy-count"),
+    (["bench", "--datasets", "cifar"], "Valid datasets: cifar10, glyphs, imagefolder, toy-count"),
     (["bench", "--operators", "blurr"], "Did you mean 'blur'"),
     (["bench", "--model", "vit-b"], "Valid models: pb-vit-tiny"),
     (["bench", "--methods", "nothing*"], "no method matches"),

@@ -17,6 +17,7 @@ from patchbench import __version__
 from patchbench.bench.config import BenchConfig
 from patchbench.bench.results import plot_curves, render_markdown, summarise, wide_leaderboard, write_run
 from patchbench.datasets import create_dataset
+from patchbench.datasets.base import select_samples
 from patchbench.methods import create_method, diffmask_train
 from patchbench.methods.diffmask import diffmask_meta
 from patchbench.methods.diffmask_train import DiffMaskConfig
@@ -24,17 +25,6 @@ from patchbench.metrics import CURVES, faithfulness_curves, log_probs, patch_aur
 from patchbench.models import create_operator, load_model
 from patchbench.models.zoo import TrainConfig
 from patchbench.utils import provenance, seed_everything, write_json
-
-
-def select_samples(labels: Tensor, n: int, seed: int) -> list[int]:
-    """``n`` sample indices stratified over classes: a seeded shuffle, then round-robin
-    over classes, so a small ``n`` still covers every class (not the first n in order)."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(labels), generator=g)
-    by_class = [order[labels[order] == c].tolist() for c in labels.unique().tolist()]
-    picked = [i for group in zip(*by_class) for i in group]  # round-robin
-    rest = [i for group in by_class for i in group[len(picked) // len(by_class):]]
-    return sorted((picked + rest)[:n])
 
 
 def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from patchbench.datasets import files  # noqa: F401  (registration)
 from patchbench.datasets.base import GroundTruthDataset
 from patchbench.datasets.synthetic import DATASETS
 

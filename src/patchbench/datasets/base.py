@@ -59,3 +59,14 @@ class GroundTruthDataset(Dataset):
         samples = [self[i] for i in (range(self.size) if indices is None else indices)]
         images, labels, masks = zip(*samples)
         return torch.stack(images), torch.tensor(labels), torch.stack(masks)
+
+
+def select_samples(labels: Tensor, n: int, seed: int) -> list[int]:
+    """``n`` sample indices stratified over classes: a seeded shuffle, then round-robin
+    over classes, so a small ``n`` still covers every class (not the first n in order)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=g)
+    by_class = [order[labels[order] == c].tolist() for c in labels.unique().tolist()]
+    picked = [i for group in zip(*by_class) for i in group]  # round-robin
+    rest = [i for group in by_class for i in group[len(picked) // len(by_class):]]
+    return sorted((picked + rest)[:n])
