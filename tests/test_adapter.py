@@ -351,4 +351,4 @@ def test_non_vit_raises(make):
     msg = str(e.value)
     assert type(model).__name__ in msg
     assert "not a timm VisionTransformer" in msg and "patch_embed" in msg
-    assert isinstance(e.value, TypeError)
+    assert isinstance(e.value, ValueError)

@@ -29,7 +29,13 @@ def _parser() -> argparse.ArgumentParser:
                                    "scores.csv, curves, leaderboard.md/.csv, curves.png, run.json.")
     b.add_argument("--run", default=d.run, help="run name: results go to RESULTS_DIR/RUN "
                    "(default: %(default)s)")
-    b.add_argument("--model", default=d.model, help="model architecture (default: %(default)s)")
+    b.add_argument("--model", default=d.model,
+                   help="embedded model (pb-vit-tiny, trained per dataset) or any timm model name "
+                        "(default: %(default)s)")
+    b.add_argument("--pretrained", action="store_true", help="timm model: load timm's pretrained weights")
+    b.add_argument("--checkpoint", default=None, help="timm model: local .safetensors/.pth weights")
+    b.add_argument("--data-root", default=None,
+                   help="folder of a dataset read from disk (cifar10, imagefolder)")
     b.add_argument("--datasets", type=_csv, default=d.datasets,
                    help="comma-separated dataset names (default: %(default)s)")
     b.add_argument("--methods", type=_csv, default=d.methods,
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train-diffmask":
             return _train_diffmask(args)
         return _bench(args)
-    except (UnknownNameError, ValueError, FileNotFoundError) as e:
+    except (UnknownNameError, ValueError, FileNotFoundError) as e:  # NotAViTError is a ValueError
         print(f"patchbench: error: {e}", file=sys.stderr)
         return 2
 

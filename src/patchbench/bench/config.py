@@ -14,6 +14,9 @@ class BenchConfig:
 
     run: str = "default"
     model: str = "pb-vit-tiny"
+    pretrained: bool = False
+    checkpoint: str | None = None
+    data_root: str | None = None
     datasets: tuple[str, ...] = ("glyphs", "toy-count")
     methods: tuple[str, ...] = DEFAULT_METHODS
     operators: tuple[str, ...] = ("mean", "drop")
@@ -33,7 +36,11 @@ class BenchConfig:
         from patchbench.methods import METHODS
         from patchbench.models import MODELS, OPERATORS
 
-        MODELS.get(self.model)
+        if self.model not in MODELS:
+            import timm
+
+            if not timm.is_model(self.model):
+                MODELS.get(self.model)  # raises, listing the embedded models
         for d in self.datasets:
             DATASETS.get(d)
         for m in self.methods:

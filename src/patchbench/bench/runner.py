@@ -16,14 +16,16 @@ from tqdm.auto import tqdm
 from patchbench import __version__
 from patchbench.bench.config import BenchConfig
 from patchbench.bench.results import plot_curves, render_markdown, summarise, wide_leaderboard, write_run
-from patchbench.datasets import create_dataset
+from patchbench.datasets import DATASETS, create_dataset
 from patchbench.datasets.base import select_samples
+from patchbench.datasets.files import FileDataset
 from patchbench.methods import create_method, diffmask_train
 from patchbench.methods.diffmask import diffmask_meta
 from patchbench.methods.diffmask_train import DiffMaskConfig
 from patchbench.metrics import CURVES, faithfulness_curves, log_probs, patch_auroc, prepare_reference
 from patchbench.models import create_operator, load_model
-from patchbench.models.zoo import TrainConfig
+from patchbench.models.hub import create_timm_model
+from patchbench.models.zoo import MODELS, TrainConfig
 from patchbench.utils import provenance, seed_everything, write_json
 
 
@@ -40,18 +42,20 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     scores, curves, timing, models, sample_ids = [], [], [], {}, {}
     train_logs: dict[str, Path] = {}
     for dataset in cfg.datasets:
-        adapter, meta = load_model(cfg.model, dataset, TrainConfig(seed=cfg.seed), progress=progress)
+        adapter, meta = _load_model(cfg, dataset, progress)
         models[dataset] = meta
-        pool = create_dataset(dataset, "test", seed=cfg.seed)
-        ids = select_samples(pool.tensors()[1], cfg.n_images, cfg.seed)
+        pixels, labels, gt_pixels, ids = _load_samples(cfg, dataset)
         sample_ids[dataset] = ids
-        pixels, labels, gt_pixels = pool.tensors(ids)
-        images = adapter.normalize(pixels)
+        if gt_pixels.any() and tuple(pixels.shape[-2:]) != adapter.img_size:
+            raise ValueError(f"{dataset} images are {tuple(pixels.shape[-2:])}, the model takes "
+                             f"{adapter.img_size}: ground-truth masks would not line up with patches")
+        images = adapter.prepare(pixels)
         logp_clean = log_probs(adapter, images, cfg.chunk_size)
         pred = logp_clean.argmax(1)
         meta["eval_accuracy"] = round((pred == labels).float().mean().item(), 4)
         target = pred if cfg.target == "prediction" else labels
-        truth = adapter.pixel_to_patch(gt_pixels)
+        truth = (adapter.pixel_to_patch(gt_pixels) if gt_pixels.any()
+                 else torch.zeros(len(ids), *adapter.grid, dtype=torch.bool))
         model_key = meta["key"]
         base = {"model": model_key, "dataset": dataset}
         seeds = torch.tensor(ids)
@@ -60,7 +64,8 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             ckpt = method_options.setdefault("diffmask", {}).get("checkpoint")
             if ckpt is None:
                 dm_cfg = DiffMaskConfig(**{"seed": cfg.seed, **cfg.diffmask_config})
-                ckpt = diffmask_train.train_or_load(adapter, dataset, dm_cfg, progress=progress)
+                ckpt = diffmask_train.train_or_load(adapter, dataset, dm_cfg, progress=progress,
+                                                    data_root=cfg.data_root)
                 method_options["diffmask"]["checkpoint"] = str(ckpt)
                 train_logs[f"diffmask_train_{dataset}.csv"] = Path(ckpt).with_suffix(".csv")
             meta["diffmask"] = {"checkpoint": str(ckpt), **diffmask_meta(ckpt)}
@@ -117,6 +122,23 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     })
     return {"markdown": markdown, "scores": scores_df, "curves": curves_df, "summary": summary,
             "leaderboard": board, "run_dir": run_dir, "run": run}
+
+
+def _load_model(cfg: BenchConfig, dataset: str, progress: bool) -> tuple[Any, dict[str, Any]]:
+    """An embedded model trained for ``dataset``, or any timm model by name."""
+    if cfg.model in MODELS:
+        return load_model(cfg.model, dataset, TrainConfig(seed=cfg.seed), progress=progress)
+    return create_timm_model(cfg.model, cfg.pretrained, cfg.checkpoint)
+
+
+def _load_samples(cfg: BenchConfig, dataset: str) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """Pixels, labels, ground-truth masks and sample ids: ``n_images`` stratified over classes."""
+    if issubclass(DATASETS.get(dataset), FileDataset):
+        ds = create_dataset(dataset, "test", data_root=cfg.data_root, limit=cfg.n_images, seed=cfg.seed)
+        return (*ds.tensors(), list(ds.indices))
+    pool = create_dataset(dataset, "test", seed=cfg.seed)
+    ids = select_samples(pool.tensors()[1], cfg.n_images, cfg.seed)
+    return (*pool.tensors(ids), ids)
 
 
 def _operator_options(name: str, images: Tensor, seed: int,

@@ -252,17 +252,22 @@ def save_explainer(path: str | Path, explainer: DiffMaskExplainer, adapter: ViTA
 
 
 def train_or_load(adapter: ViTAdapter, dataset: str, cfg: DiffMaskConfig | None = None,
-                  n_train: int = 20_000, progress: bool = True) -> Path:
+                  n_train: int = 20_000, progress: bool = True, data_root: str | None = None) -> Path:
     """The cached explainer for (model, dataset, config), trained on the train split first
     if missing. Returns the checkpoint path; the training log is saved beside it (``.csv``)."""
-    from patchbench.datasets import create_dataset
+    from patchbench.datasets import DATASETS, create_dataset
 
     cfg = cfg or DiffMaskConfig()
     path = checkpoint_path(adapter.key, dataset, cfg)
     if path.exists():
         return path
-    train = create_dataset(dataset, "train", size=n_train, seed=cfg.seed)
-    images = adapter.normalize(train.tensors()[0])
+    from patchbench.datasets.files import FileDataset
+
+    if data_root is not None and issubclass(DATASETS.get(dataset), FileDataset):
+        train = create_dataset(dataset, "train", data_root=data_root, limit=n_train, seed=cfg.seed)
+    else:
+        train = create_dataset(dataset, "train", size=n_train, seed=cfg.seed)
+    images = adapter.prepare(train.tensors()[0])
     start = time.perf_counter()
     explainer, log = train_diffmask(adapter, images, cfg, path.with_suffix(".csv"), progress)
     last = log[-max(1, len(log) // 10):]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class NotAViTError(TypeError):
+class NotAViTError(ValueError):
     """Raised when a model lacks the token structure a ViT adapter needs."""
 
 
@@ -27,6 +27,8 @@ class ViTAdapter:
             Defaults to the model's ``pretrained_cfg``.
         std: Per-channel normalisation std, as ``mean``.
         key: An identifier of the weights (used to tie caches and checkpoints to the model).
+        data_config: timm data config (input size, crop_pct, interpolation) used by
+            :meth:`prepare` to bring images of another size to the model's.
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class ViTAdapter:
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         key: str = "",
+        data_config: dict | None = None,
     ) -> None:
         missing = [a for a in ("patch_embed", "blocks", "num_prefix_tokens", "_pos_embed")
                    if not hasattr(model, a)]
@@ -48,6 +51,7 @@ class ViTAdapter:
         self.mean = tuple(mean if mean is not None else cfg.get("mean", (0.5, 0.5, 0.5)))
         self.std = tuple(std if std is not None else cfg.get("std", (0.5, 0.5, 0.5)))
         self.key = key
+        self.data_config = data_config or {}
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -99,6 +103,17 @@ class ViTAdapter:
         mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
         return (images - mean) / std
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """Pixel images in [0, 1] of any size -> model inputs: resized and centre-cropped by
+        the model's data config when their size differs from the model's, then normalised."""
+        if tuple(images.shape[-2:]) != self.img_size:
+            from patchbench.models.hub import resize_for_model
+
+            cfg = self.data_config
+            images = resize_for_model(images, self.img_size, cfg.get("crop_pct", 1.0),
+                                      cfg.get("interpolation", "bicubic"))
+        return self.normalize(images)
 
     def patch_to_pixel(self, patch_values: Tensor) -> Tensor:
         """Broadcasts per-patch values ``[B, P]`` or ``[B, Hp, Wp]`` to pixels ``[B, 1, H, W]``."""

@@ -1,0 +1,114 @@
+"""Any timm model by name: random weights, pretrained the timm way, or a local checkpoint."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision.transforms.functional as TF
+from torch import Tensor, nn
+
+from patchbench.models.adapter import ViTAdapter
+from patchbench.registry import UnknownNameError
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Weights from a ``.safetensors`` or ``.pth``/``.pt`` file (a bare state dict, or one
+    under ``state_dict``, ``model`` or ``state_dict_ema``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors come in many types
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Loads weights strictly; on a mismatch says which keys and shapes disagree."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:3])})")
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+def create_timm_model(name: str, pretrained: bool = False, checkpoint: str | Path | None = None,
+                      num_classes: int | None = None) -> tuple[ViTAdapter, dict[str, Any]]:
+    """A timm model wrapped in a :class:`ViTAdapter`, with its own data config.
+
+    Args:
+        name: Any timm model name (``timm.list_models()``).
+        pretrained: Load timm's pretrained weights (hub or local cache).
+        checkpoint: A local ``.safetensors`` / ``.pth`` file loaded on top, strictly.
+        num_classes: Classifier size; by default timm's, or the checkpoint's when it has one.
+
+    Returns:
+        The adapter and metadata (key, data config).
+    """
+    import timm
+    from timm.data import resolve_data_config
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownNameError(f"unknown model {name!r}: neither an embedded model (pb-vit-tiny) "
+                               f"nor a timm model.{hint} See timm.list_models().")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    key = f"{name}{'-pretrained' if pretrained else '-random'}"
+    if checkpoint is not None:
+        head = f"{getattr(model, 'pretrained_cfg', {}).get('classifier', 'head')}.weight"
+        state_head = read_state_dict(checkpoint).get(head)
+        if num_classes is None and state_head is not None and state_head.shape[0] != model.num_classes:
+            model.reset_classifier(state_head.shape[0])  # the classifier size comes from the file
+        load_checkpoint(model, checkpoint)
+        key = f"{name}-{hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:12]}"
+    elif not pretrained:
+        key += "-untrained"
+    cfg = resolve_data_config(model=model)
+    adapter = ViTAdapter(model.eval(), cfg["mean"], cfg["std"], key=key, data_config=cfg)
+    return adapter, {"key": key, "arch": name, "pretrained": pretrained,
+                     "checkpoint": str(checkpoint) if checkpoint else None, "data_config": cfg}
+
+
+def resize_for_model(images: Tensor, size: tuple[int, int], crop_pct: float = 1.0,
+                     interpolation: str = "bicubic") -> Tensor:
+    """Resize (shorter side to ``size / crop_pct``) and centre-crop pixel images ``[B, 3, h, w]``
+    to ``size``, as timm's evaluation transform does."""
+    h, w = size
+    scale = math.floor(max(h, w) / crop_pct)
+    mode = {"bicubic": TF.InterpolationMode.BICUBIC, "bilinear": TF.InterpolationMode.BILINEAR,
+            "nearest": TF.InterpolationMode.NEAREST}.get(interpolation, TF.InterpolationMode.BICUBIC)
+    out = TF.resize(images, scale, interpolation=mode, antialias=True)
+    return TF.center_crop(out, [h, w]).clamp(0, 1)
