@@ -43,9 +43,15 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Loads weights strictly; on a mismatch says which keys and shapes disagree."""
-    state = read_state_dict(path)
+def load_checkpoint(model: nn.Module, path: str | Path, state: dict[str, Tensor] | None = None) -> None:
+    """Loads weights strictly; on a mismatch says which keys and shapes disagree.
+
+    Args:
+        model: The model to load into.
+        path: The checkpoint file (named in errors).
+        state: Its state dict if already read.
+    """
+    state = read_state_dict(path) if state is None else state
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -89,10 +95,11 @@ def create_timm_model(name: str, pretrained: bool = False, checkpoint: str | Pat
     key = f"{name}{'-pretrained' if pretrained else '-random'}"
     if checkpoint is not None:
         head = f"{getattr(model, 'pretrained_cfg', {}).get('classifier', 'head')}.weight"
-        state_head = read_state_dict(checkpoint).get(head)
+        state = read_state_dict(checkpoint)
+        state_head = state.get(head)
         if num_classes is None and state_head is not None and state_head.shape[0] != model.num_classes:
             model.reset_classifier(state_head.shape[0])  # the classifier size comes from the file
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, state)
         key = f"{name}-{hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:12]}"
     elif not pretrained:
         key += "-untrained"
