@@ -136,9 +136,9 @@ def _load_samples(cfg: BenchConfig, dataset: str) -> tuple[Tensor, Tensor, Tenso
     if issubclass(DATASETS.get(dataset), FileDataset):
         ds = create_dataset(dataset, "test", data_root=cfg.data_root, limit=cfg.n_images, seed=cfg.seed)
         return (*ds.tensors(), list(ds.indices))
-    pool = create_dataset(dataset, "test", seed=cfg.seed)
-    ids = select_samples(pool.tensors()[1], cfg.n_images, cfg.seed)
-    return (*pool.tensors(ids), ids)
+    pixels, labels, masks = create_dataset(dataset, "test", seed=cfg.seed).tensors()
+    ids = select_samples(labels, cfg.n_images, cfg.seed)
+    return pixels[ids], labels[ids], masks[ids], ids
 
 
 def _operator_options(name: str, images: Tensor, seed: int,
