@@ -5,7 +5,8 @@
 PYTHON ?= python3
 VENV := .venv
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
-RUN ?= default
+CONFIG ?= default
+RUN ?=
 ARGS ?=
 
 .PHONY: install bench test lint clean
@@ -13,7 +14,7 @@ ARGS ?=
 install: $(VENV)/.synced
 
 $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --compile-bytecode
+	$(UV) sync --frozen --compile-bytecode --all-extras
 	@touch $@
 
 .tools/bin/uv:
@@ -21,7 +22,7 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 	.tools/bin/python -m pip install --quiet uv
 
 bench: install
-	$(VENV)/bin/patchbench bench --run $(RUN) $(ARGS)
+	$(VENV)/bin/patchbench bench --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(ARGS)
 
 test: install
 	$(VENV)/bin/ruff check src tests

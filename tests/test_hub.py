@@ -8,7 +8,8 @@ from test_files import write_cifar
 
 from patchbench.bench import BenchConfig, run_benchmark
 from patchbench.methods import create_method
-from patchbench.models import NotAViTError
+from patchbench.methods.base import token_free_methods
+from patchbench.models import ImageAdapter, NotAViTError
 from patchbench.models.hub import CheckpointError, create_timm_model
 from patchbench.registry import UnknownNameError
 
@@ -62,11 +63,42 @@ def test_checkpoint_that_does_not_fit_names_keys_and_shapes(saved):
         create_timm_model(NAME, checkpoint=root / "junk.pth")
 
 
-def test_unknown_and_non_vit_models():
+def test_unknown_model_suggests_close_names():
     with pytest.raises(UnknownNameError, match="Did you mean 'vit_tiny_patch16_224'"):
         create_timm_model("vit_tiny_patch16_22")
-    with pytest.raises(NotAViTError, match="ResNet is not a timm VisionTransformer"):
-        create_timm_model("resnet18")
+
+
+def test_non_vit_model_serves_token_free_methods_and_refuses_the_others():
+    torch.manual_seed(0)
+    adapter, meta = create_timm_model("resnet18", num_classes=4)
+    assert isinstance(adapter, ImageAdapter) and not adapter.is_vit and meta["vit"] is False
+    # the grid is the stride of the last feature map, read from timm's feature_info
+    assert adapter.patch_size == (32, 32) and adapter.grid == (7, 7) and adapter.cam_layer == "layer4"
+    x = adapter.prepare(torch.rand(2, 3, 40, 40))
+    t = torch.tensor([0, 3])
+    for name in token_free_methods():
+        opts = {"n_steps": 4} if name == "integrated_gradients" else {}
+        maps = create_method(name, adapter, **opts).attribute(x, t)
+        assert maps.shape == (2, 7, 7) and maps.abs().sum() > 0
+    assert {"random", "gradcam", "integrated_gradients"} <= set(token_free_methods())
+    for name in ("attention", "rollout", "diffmask"):
+        with pytest.raises(NotAViTError, match=rf"'{name}' needs a vision transformer.*ResNet is not one"):
+            create_method(name, adapter)
+
+
+def test_bench_on_a_non_vit_model(tmp_path):
+    write_cifar(tmp_path / "data", n_per_batch=20)
+    common = dict(results_dir=str(tmp_path / "results"), model="resnet18", datasets=("cifar10",),
+                  data_root=str(tmp_path / "data"), n_images=6, steps=2)
+    with pytest.raises(NotAViTError, match=r"not a vision transformer.*rollout, drop.*--methods "):
+        run_benchmark(BenchConfig(run="bad", methods=("random", "rollout"), operators=("mean", "drop"),
+                                  **common), progress=False)
+    assert not (tmp_path / "results" / "bad").exists()
+    run_benchmark(BenchConfig(run="cnn", methods=("random", "gradcam"), operators=("mean", "noise"),
+                              **common), progress=False)
+    scores = pd.read_csv(tmp_path / "results" / "cnn" / "scores.csv")
+    assert set(scores.method) == {"random", "gradcam"} and set(scores.operator) == {"mean", "noise"}
+    assert scores.value.notna().all() and scores.sample_id.nunique() == 6
 
 
 def test_bench_on_a_cifar10_folder_with_a_timm_checkpoint(saved, tmp_path):

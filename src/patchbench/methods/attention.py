@@ -38,6 +38,7 @@ class LastLayerAttention(Method):
     """
 
     name = "attention"
+    needs_tokens = True
 
     def __init__(self, adapter: ViTAdapter, head_fusion: str = "mean") -> None:
         super().__init__(adapter)
@@ -63,6 +64,7 @@ class AttentionRollout(Method):
     """
 
     name = "rollout"
+    needs_tokens = True
 
     def __init__(self, adapter: ViTAdapter, head_fusion: str = "mean",
                  discard_ratio: float = 0.0) -> None:

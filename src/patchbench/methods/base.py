@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from patchbench.models.adapter import ViTAdapter
+from patchbench.models.adapter import ImageAdapter, NotAViTError
 from patchbench.registry import Registry
 
 METHODS: Registry[Method] = Registry("method")
@@ -32,6 +32,8 @@ class Method:
     Class attributes:
         name: Registry name.
         uses_gradients: Run ``_attribute`` with autograd enabled (otherwise ``no_grad``).
+        needs_tokens: Needs a ViT's tokens or attention (a :class:`ViTAdapter`); methods
+            without it work on any image classifier.
 
     Args:
         adapter: The model to explain.
@@ -39,8 +41,14 @@ class Method:
 
     name = "base"
     uses_gradients = False
+    needs_tokens = False
 
-    def __init__(self, adapter: ViTAdapter) -> None:
+    def __init__(self, adapter: ImageAdapter) -> None:
+        if self.needs_tokens and not adapter.is_vit:
+            raise NotAViTError(
+                f"method {self.name!r} needs a vision transformer's patch tokens or attention, and "
+                f"{type(adapter.model).__name__} is not one. Methods for any model: "
+                f"{', '.join(token_free_methods())}.")
         self.adapter = adapter
 
     def attribute(self, images: Tensor, target: Tensor) -> Tensor:
@@ -105,7 +113,12 @@ def register_method(name: str | None = None):
     return METHODS.register(name)
 
 
-def create_method(name: str, adapter: ViTAdapter, **options: Any) -> Method:
+def token_free_methods() -> list[str]:
+    """Registered methods that work on any image classifier, not only ViTs."""
+    return [n for n in METHODS.list() if not METHODS.get(n).needs_tokens]
+
+
+def create_method(name: str, adapter: ImageAdapter, **options: Any) -> Method:
     """Creates a registered method by name; ``options`` go to its constructor."""
     return METHODS.create(name, adapter, **options)
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from patchbench.methods.base import Method, register_method
-from patchbench.models.adapter import ViTAdapter
+from patchbench.models.adapter import ImageAdapter
 from patchbench.models.removal import hash_seed
 
 
@@ -23,7 +23,7 @@ class RandomMethod(Method):
 
     name = "random"
 
-    def __init__(self, adapter: ViTAdapter, seed: int = 0) -> None:
+    def __init__(self, adapter: ImageAdapter, seed: int = 0) -> None:
         super().__init__(adapter)
         self.seed = seed
 

@@ -131,6 +131,7 @@ class DiffMask(Method):
     """
 
     name = "diffmask"
+    needs_tokens = True
 
     def __init__(self, adapter: ViTAdapter, checkpoint: str | None = None) -> None:
         super().__init__(adapter)
@@ -170,7 +171,7 @@ def load_explainer(adapter: ViTAdapter, path: str | Path) -> tuple[DiffMaskExpla
         raise CheckpointMismatchError(
             f"{path} explains model {meta.get('model_key')!r}, not {adapter.key!r}; "
             "train one for this model with `patchbench train-diffmask`")
-    dim = adapter.model.embed_dim
+    dim = adapter.embed_dim
     if meta.get("dim") != dim or meta.get("num_states") != adapter.depth + 2:
         raise CheckpointMismatchError(
             f"{path} has {meta.get('num_states')} gates of width {meta.get('dim')}; the model "

@@ -165,10 +165,32 @@ def lagrangian(adapter: ViTAdapter, explainer: DiffMaskExplainer, lambdas: Multi
     return (lambdas[k] * (kl - eps) + l0).mean(), kl, l0, log_keep.exp().mean(-1).detach()
 
 
-def train_diffmask(adapter: ViTAdapter, images: Tensor, cfg: DiffMaskConfig,
+class PreparedImages:
+    """A dataset's images as model inputs, read and prepared only when a batch asks for them.
+
+    Indexing with a tensor of indices gives ``[B, 3, H, W]`` like indexing a tensor would,
+    so training streams batches from disk instead of holding, e.g., 20 000 ImageNet images
+    at 224 px (12 GB) in memory.
+    """
+
+    def __init__(self, dataset: Any, adapter: ViTAdapter) -> None:
+        self.dataset = dataset
+        self.adapter = adapter
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: Tensor) -> Tensor:
+        # one image at a time: a folder's images may differ in size until prepared
+        return torch.cat([self.adapter.prepare(self.dataset[int(i)][0].unsqueeze(0))
+                          for i in index.flatten()])
+
+
+def train_diffmask(adapter: ViTAdapter, images: Tensor | PreparedImages, cfg: DiffMaskConfig,
                    log_path: str | Path | None = None, progress: bool = True
                    ) -> tuple[DiffMaskExplainer, list[dict[str, float]]]:
-    """Trains an explainer for ``adapter`` on model inputs ``images`` ``[N, 3, H, W]``.
+    """Trains an explainer for ``adapter`` on model inputs ``images`` ``[N, 3, H, W]``
+    (a tensor, or :class:`PreparedImages` streaming them from a dataset).
 
     Returns:
         The explainer and the training log: one row per step with the drawn layer, KL, the
@@ -179,7 +201,7 @@ def train_diffmask(adapter: ViTAdapter, images: Tensor, cfg: DiffMaskConfig,
     device = adapter.device
     n_states = adapter.depth + 2
     with torch.no_grad():
-        h0 = adapter.patch_embeddings(images[:256].to(device))
+        h0 = adapter.patch_embeddings(images[torch.arange(min(256, len(images)))].to(device))
     if cfg.placeholder_init == "mean":
         init = h0.mean((0, 1))
     elif cfg.placeholder_init == "zero":
@@ -188,7 +210,7 @@ def train_diffmask(adapter: ViTAdapter, images: Tensor, cfg: DiffMaskConfig,
         init = torch.randn(h0.shape[-1], generator=g).to(h0) * h0.std()
     else:
         raise ValueError(f"placeholder_init must be mean, zero or normal, got {cfg.placeholder_init!r}")
-    explainer = DiffMaskExplainer(adapter.model.embed_dim, n_states, cfg.mul, cfg.add,
+    explainer = DiffMaskExplainer(adapter.embed_dim, n_states, cfg.mul, cfg.add,
                                   placeholder_init=init).to(device)
     gate_params = [p for n, p in explainer.named_parameters() if n != "placeholder"]
     gate_opt = Lookahead(torch.optim.Adam([
@@ -238,36 +260,51 @@ def write_log(path: str | Path, log: list[dict[str, float]]) -> None:
         writer.writerows(log)
 
 
-def checkpoint_path(model_key: str, dataset: str, cfg: DiffMaskConfig) -> Path:
-    digest = stable_hash({"model": model_key, "dataset": dataset, "config": asdict(cfg)})
+def checkpoint_path(model_key: str, dataset: str, cfg: DiffMaskConfig,
+                    source: dict[str, Any] | None = None) -> Path:
+    """Cache path keyed by model, dataset, config and, for data on disk, where it was read."""
+    key = {"model": model_key, "dataset": dataset, "config": asdict(cfg)}
+    if source:
+        key["source"] = source
+    digest = stable_hash(key)
     return cache_dir() / "diffmask" / f"{model_key}_{digest}.pt"
 
 
 def save_explainer(path: str | Path, explainer: DiffMaskExplainer, adapter: ViTAdapter,
                    dataset: str, cfg: DiffMaskConfig, extra: dict[str, Any]) -> None:
-    meta = {"model_key": adapter.key, "dataset": dataset, "dim": adapter.model.embed_dim,
+    meta = {"model_key": adapter.key, "dataset": dataset, "dim": adapter.embed_dim,
             "num_states": adapter.depth + 2, "config": asdict(cfg), **extra}
     with atomic_path(path) as tmp:
         torch.save({"explainer": explainer.state_dict(), "meta": meta}, tmp)
 
 
 def train_or_load(adapter: ViTAdapter, dataset: str, cfg: DiffMaskConfig | None = None,
-                  n_train: int = 20_000, progress: bool = True, data_root: str | None = None) -> Path:
+                  n_train: int = 20_000, progress: bool = True, data_root: str | None = None,
+                  dataset_options: dict[str, Any] | None = None) -> Path:
     """The cached explainer for (model, dataset, config), trained on the train split first
-    if missing. Returns the checkpoint path; the training log is saved beside it (``.csv``)."""
-    from patchbench.datasets import DATASETS, create_dataset
+    if missing. Returns the checkpoint path; the training log is saved beside it (``.csv``).
 
-    cfg = cfg or DiffMaskConfig()
-    path = checkpoint_path(adapter.key, dataset, cfg)
-    if path.exists():
-        return path
+    Synthetic datasets are generated in memory; datasets on disk (``data_root``) are read
+    batch by batch (:class:`PreparedImages`). An ``imagefolder`` has no split of its own:
+    ``data_root`` must then be a training folder, not the evaluated one.
+    """
+    from patchbench.datasets import DATASETS, create_dataset
     from patchbench.datasets.files import FileDataset
 
-    if data_root is not None and issubclass(DATASETS.get(dataset), FileDataset):
-        train = create_dataset(dataset, "train", data_root=data_root, limit=n_train, seed=cfg.seed)
+    cfg = cfg or DiffMaskConfig()
+    on_disk = issubclass(DATASETS.get(dataset), FileDataset)
+    source = {"data_root": str(Path(data_root).resolve()) if data_root else None, "n_train": n_train,
+              **(dataset_options or {})} if on_disk else None
+    path = checkpoint_path(adapter.key, dataset, cfg, source)
+    if path.exists():
+        return path
+    if on_disk:
+        train = create_dataset(dataset, "train", data_root=data_root, limit=n_train, seed=cfg.seed,
+                               **(dataset_options or {}))
+        images: Tensor | PreparedImages = PreparedImages(train, adapter)
     else:
         train = create_dataset(dataset, "train", size=n_train, seed=cfg.seed)
-    images = adapter.prepare(train.tensors()[0])
+        images = adapter.prepare(train.tensors()[0])
     start = time.perf_counter()
     explainer, log = train_diffmask(adapter, images, cfg, path.with_suffix(".csv"), progress)
     last = log[-max(1, len(log) // 10):]

@@ -8,15 +8,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from patchbench.methods.base import Method, register_method
-from patchbench.models.adapter import ViTAdapter
+from patchbench.models.adapter import ImageAdapter
 
 
 @register_method("gradcam")
 class GradCAMMethod(Method):
-    """Grad-CAM on patch tokens, through pytorch-grad-cam.
+    """Grad-CAM through pytorch-grad-cam, on patch tokens (ViTs) or the last feature map.
 
-    The target layer defaults to the last block's first LayerNorm: the last block's *output*
-    patch tokens reach a class-token head through nothing, so their gradients are zero.
+    On a ViT the target layer defaults to the last block's first LayerNorm: the last block's
+    *output* patch tokens reach a class-token head through nothing, so their gradients are
+    zero. On other timm models it is the module of the last feature map (``feature_info``).
     Maps are ReLU'd and min-max scaled per image as pytorch-grad-cam does (no eigen-smooth:
     its sign is arbitrary).
 
@@ -27,9 +28,9 @@ class GradCAMMethod(Method):
     name = "gradcam"
     uses_gradients = True
 
-    def __init__(self, adapter: ViTAdapter, layer: str | None = None) -> None:
+    def __init__(self, adapter: ImageAdapter, layer: str | None = None) -> None:
         super().__init__(adapter)
-        self.layer = layer or f"blocks.{adapter.depth - 1}.norm1"
+        self.layer = layer or adapter.cam_layer
         self.module = adapter.model.get_submodule(self.layer)
 
     def _reshape(self, tokens: Tensor) -> Tensor:
@@ -47,7 +48,8 @@ class GradCAMMethod(Method):
             def get_target_width_height(self, input_tensor: Tensor) -> tuple[int, int]:
                 return grid[1], grid[0]
 
-        cam = PatchGradCAM(self.adapter.model, [self.module], reshape_transform=self._reshape)
+        reshape = self._reshape if self.adapter.is_vit else None  # CNN maps are [B, C, h, w]
+        cam = PatchGradCAM(self.adapter.model, [self.module], reshape_transform=reshape)
         # not `with cam:`, whose __exit__ swallows IndexError; release hooks ourselves
         try:
             maps = cam(images, targets=[ClassifierOutputTarget(int(t)) for t in target])
@@ -75,7 +77,7 @@ class IntegratedGradientsMethod(Method):
     name = "integrated_gradients"
     uses_gradients = True
 
-    def __init__(self, adapter: ViTAdapter, n_steps: int = 32, baseline: str = "zero",
+    def __init__(self, adapter: ImageAdapter, n_steps: int = 32, baseline: str = "zero",
                  absolute: bool = False, internal_batch_size: int = 512) -> None:
         super().__init__(adapter)
         if baseline not in ("zero", "black"):

@@ -1,10 +1,10 @@
 """Model adapters, removal operators and the embedded default models."""
 
-from patchbench.models.adapter import NotAViTError, ViTAdapter
+from patchbench.models.adapter import ImageAdapter, NotAViTError, ViTAdapter
 from patchbench.models.removal import OPERATORS, RemovalOperator, create_operator, list_operators
 from patchbench.models.zoo import MODELS, load_model
 
 __all__ = [
-    "MODELS", "OPERATORS", "NotAViTError", "RemovalOperator", "ViTAdapter",
+    "MODELS", "OPERATORS", "ImageAdapter", "NotAViTError", "RemovalOperator", "ViTAdapter",
     "create_operator", "list_operators", "load_model",
 ]

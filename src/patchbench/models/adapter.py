@@ -1,4 +1,9 @@
-"""Adapter that exposes what attribution methods and the harness need from a timm ViT.
+"""Adapters expose what attribution methods and the harness need from a model.
+
+:class:`ImageAdapter` covers any image classifier: a patch grid, normalisation, resizing and
+logits. :class:`ViTAdapter` adds what token methods need (patch embeddings, running on a
+subset of tokens, hidden states, attention) for a timm ``VisionTransformer``; the Hugging
+Face adapter (``models/hf.py``) overrides the few timm-specific primitives.
 
 Everything geometric (patch grid, patch size, prefix tokens) is read from the model, so
 register tokens, DeiT's distillation token and non-square grids work unchanged.
@@ -18,18 +23,26 @@ class NotAViTError(ValueError):
     """Raised when a model lacks the token structure a ViT adapter needs."""
 
 
-class ViTAdapter:
-    """Wraps a timm ``VisionTransformer`` (or subclass) in evaluation mode.
+class ImageAdapter:
+    """Any image classifier ``[B, 3, H, W] -> [B, C]`` in evaluation mode, seen on a patch grid.
+
+    Methods that need no tokens (gradients, perturbations, controls) and the pixel removal
+    operators work through this interface alone.
 
     Args:
-        model: A timm vision transformer. It is put in ``eval()`` mode.
+        model: Module returning logits. It is put in ``eval()`` mode.
         mean: Per-channel normalisation mean of the model's input (pixel values in [0, 1]).
             Defaults to the model's ``pretrained_cfg``.
         std: Per-channel normalisation std, as ``mean``.
-        key: An identifier of the weights (used to tie caches and checkpoints to the model).
+        key: An identifier of the weights (ties caches and checkpoints to the model).
         data_config: timm data config (input size, crop_pct, interpolation) used by
             :meth:`prepare` to bring images of another size to the model's.
+        img_size: Input size (H, W); default from ``data_config["input_size"]``.
+        patch_size: Side of the square cells maps are given on; default the stride of the
+            model's last feature map (timm ``feature_info``), e.g. 32 for a ResNet.
     """
+
+    is_vit = False
 
     def __init__(
         self,
@@ -38,56 +51,41 @@ class ViTAdapter:
         std: tuple[float, ...] | None = None,
         key: str = "",
         data_config: dict | None = None,
+        img_size: tuple[int, int] | None = None,
+        patch_size: int | None = None,
     ) -> None:
-        missing = [a for a in ("patch_embed", "blocks", "num_prefix_tokens", "_pos_embed")
-                   if not hasattr(model, a)]
-        if missing:
-            raise NotAViTError(
-                f"{type(model).__name__} is not a timm VisionTransformer: it has no "
-                f"{', '.join(missing)}; patch-token methods and the 'drop' operator need one."
-            )
         self.model = model.eval()
         cfg = getattr(model, "pretrained_cfg", None) or {}
         self.mean = tuple(mean if mean is not None else cfg.get("mean", (0.5, 0.5, 0.5)))
         self.std = tuple(std if std is not None else cfg.get("std", (0.5, 0.5, 0.5)))
         self.key = key
         self.data_config = data_config or {}
+        if not self.is_vit:
+            size = img_size or tuple(self.data_config.get("input_size", (3, 224, 224))[-2:])
+            stride = patch_size or _feature_stride(model) or 16
+            if size[0] % stride or size[1] % stride:
+                raise ValueError(f"patch size {stride} does not divide the input size {tuple(size)}")
+            self._img_size = (int(size[0]), int(size[1]))
+            self._patch = (int(stride), int(stride))
 
     # ---- geometry -------------------------------------------------------------------------
     @property
+    def patch_size(self) -> tuple[int, int]:
+        """Patch size in pixels (ph, pw)."""
+        return self._patch
+
+    @property
     def grid(self) -> tuple[int, int]:
         """Patch grid (Hp, Wp)."""
-        return tuple(int(g) for g in self.model.patch_embed.grid_size)  # type: ignore[return-value]
+        return (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return self._img_size
 
     @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        """Patch size in pixels (ph, pw)."""
-        return tuple(int(p) for p in self.model.patch_embed.patch_size)  # type: ignore[return-value]
-
-    @property
-    def img_size(self) -> tuple[int, int]:
-        return (self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1])
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        """Class, register and distillation tokens placed before the patch tokens."""
-        return int(self.model.num_prefix_tokens)
-
-    @property
-    def has_class_token(self) -> bool:
-        return getattr(self.model, "cls_token", None) is not None
-
-    @property
-    def _pools_patches(self) -> bool:
-        return getattr(self.model, "global_pool", "token") not in ("token", "")
-
-    @property
-    def depth(self) -> int:
-        return len(self.model.blocks)
 
     @property
     def num_classes(self) -> int:
@@ -96,6 +94,19 @@ class ViTAdapter:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def cam_layer(self) -> str:
+        """Default Grad-CAM target: the module giving the last feature map."""
+        info = getattr(self.model, "feature_info", None)
+        if info:
+            return info[-1]["module"]
+        raise ValueError(f"{type(self.model).__name__} has no timm feature_info; give gradcam a layer=")
+
+    def to(self, device: str | torch.device) -> ImageAdapter:
+        """Moves the model to ``device`` (returns self)."""
+        self.model.to(device)
+        return self
 
     # ---- pixels <-> patches ---------------------------------------------------------------
     def normalize(self, images: Tensor) -> Tensor:
@@ -125,11 +136,100 @@ class ViTAdapter:
         pooled = F.max_pool2d(pixel_mask.float().unsqueeze(1), self.patch_size)
         return pooled.squeeze(1) > 0
 
-    # ---- forward passes -------------------------------------------------------------------
     def logits(self, images: Tensor) -> Tensor:
         """Model output ``[B, C]`` for model inputs ``[B, 3, H, W]``."""
         return self.model(images)
 
+
+def _feature_stride(model: nn.Module) -> int | None:
+    info = getattr(model, "feature_info", None)
+    try:
+        return int(info[-1]["reduction"]) if info else None
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
+class ViTAdapter(ImageAdapter):
+    """Wraps a timm ``VisionTransformer`` (or subclass): the image interface plus tokens.
+
+    Args:
+        model: A timm vision transformer. It is put in ``eval()`` mode.
+        mean: Per-channel normalisation mean (default: the model's ``pretrained_cfg``).
+        std: Per-channel normalisation std, as ``mean``.
+        key: An identifier of the weights.
+        data_config: timm data config used by :meth:`prepare`.
+    """
+
+    is_vit = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        key: str = "",
+        data_config: dict | None = None,
+    ) -> None:
+        self._check_model(model)
+        super().__init__(model, mean, std, key, data_config)
+
+    def _check_model(self, model: nn.Module) -> None:
+        missing = [a for a in ("patch_embed", "blocks", "num_prefix_tokens", "_pos_embed")
+                   if not hasattr(model, a)]
+        if missing:
+            raise NotAViTError(
+                f"{type(model).__name__} is not a timm VisionTransformer: it has no "
+                f"{', '.join(missing)}; patch-token methods and the 'drop' operator need one."
+            )
+
+    # ---- geometry -------------------------------------------------------------------------
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (Hp, Wp)."""
+        return tuple(int(g) for g in self.model.patch_embed.grid_size)  # type: ignore[return-value]
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """Patch size in pixels (ph, pw)."""
+        return tuple(int(p) for p in self.model.patch_embed.patch_size)  # type: ignore[return-value]
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return (self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1])
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Class, register and distillation tokens placed before the patch tokens."""
+        return int(self.model.num_prefix_tokens)
+
+    @property
+    def has_class_token(self) -> bool:
+        return getattr(self.model, "cls_token", None) is not None
+
+    @property
+    def _pools_patches(self) -> bool:
+        return getattr(self.model, "global_pool", "token") not in ("token", "")
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.embed_dim)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks, in order."""
+        return list(self.model.blocks)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def cam_layer(self) -> str:
+        """Default Grad-CAM target: the last block's first LayerNorm (its output patch tokens
+        reach a class-token head; the last block's own output patch tokens do not)."""
+        return f"blocks.{self.depth - 1}.norm1"
+
+    # ---- forward passes -------------------------------------------------------------------
     def patch_embeddings(self, images: Tensor) -> Tensor:
         """h0: patch embeddings before position embeddings and prefix tokens, ``[B, P, D]``."""
         x = self.model.patch_embed(images)
@@ -150,23 +250,37 @@ class ViTAdapter:
             Logits ``[B, C]``, and with ``hidden`` the list of hidden states: h0 ``[B, P, D]``,
             then the input of every block and the output of the last one ``[B, N, D]``.
         """
-        m = self.model
-        x = h0
-        if getattr(m, "dynamic_img_size", False):  # timm then expects NHWC patch embeddings
-            x = x.reshape(x.shape[0], *self.grid, x.shape[-1])
-        x = m._pos_embed(x)
+        x = self._add_positions(h0)
         if keep_index is not None:
             npt = self.num_prefix_tokens
             patches = x[:, npt:].gather(1, keep_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
             x = torch.cat([x[:, :npt], patches], dim=1)
-        x = m.norm_pre(m.patch_drop(x))
+        x = self._pre_blocks(x)
         states = [h0]
-        for blk in m.blocks:
+        for blk in self.blocks:
             states.append(x)
-            x = blk(x)
+            x = self._run_block(blk, x)
         states.append(x)
-        logits = m.forward_head(m.norm(x))
+        logits = self._head(x)
         return (logits, states) if hidden else logits
+
+    # The four model-specific primitives (the Hugging Face adapter overrides them).
+    def _add_positions(self, h0: Tensor) -> Tensor:
+        """Patch embeddings ``[B, P, D]`` -> prefix tokens + position-embedded patches ``[B, N, D]``."""
+        x = h0
+        if getattr(self.model, "dynamic_img_size", False):  # timm then expects NHWC embeddings
+            x = x.reshape(x.shape[0], *self.grid, x.shape[-1])
+        return self.model._pos_embed(x)
+
+    def _pre_blocks(self, x: Tensor) -> Tensor:
+        return self.model.norm_pre(self.model.patch_drop(x))
+
+    def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
+        return block(x)
+
+    def _head(self, x: Tensor) -> Tensor:
+        """Final tokens ``[B, N, D]`` -> logits ``[B, C]``."""
+        return self.model.forward_head(self.model.norm(x))
 
     def hidden_states(self, images: Tensor) -> list[Tensor]:
         """h0 … h(L+1) for model inputs ``[B, 3, H, W]`` (see :meth:`forward_embeddings`)."""
@@ -204,7 +318,7 @@ class ViTAdapter:
         only inside the context; hooks and the fused flag are restored even on exceptions.
         """
         records: list[Tensor] = []
-        attns = [blk.attn for blk in self.model.blocks]
+        attns = [blk.attn for blk in self.blocks]
         if not all(hasattr(a, "attn_drop") and hasattr(a, "fused_attn") for a in attns):
             raise NotAViTError(f"{type(self.model).__name__}: attention modules are not timm's")
         fused = [a.fused_attn for a in attns]

@@ -1,4 +1,5 @@
-"""Any timm model by name: random weights, pretrained the timm way, or a local checkpoint."""
+"""Any timm model by name (random weights, pretrained the timm way, or a local checkpoint),
+and the ``hf:`` prefix for Hugging Face ViTs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 
-from patchbench.models.adapter import ViTAdapter
+from patchbench.models.adapter import ImageAdapter, ViTAdapter
 from patchbench.registry import UnknownNameError
 
 
@@ -70,8 +71,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, state: dict[str, Tensor]
 
 
 def create_timm_model(name: str, pretrained: bool = False, checkpoint: str | Path | None = None,
-                      num_classes: int | None = None) -> tuple[ViTAdapter, dict[str, Any]]:
-    """A timm model wrapped in a :class:`ViTAdapter`, with its own data config.
+                      num_classes: int | None = None) -> tuple[ImageAdapter, dict[str, Any]]:
+    """A timm model wrapped in an adapter, with its own data config: a :class:`ViTAdapter`
+    for vision transformers, an :class:`ImageAdapter` (no token methods) for anything else.
 
     Args:
         name: Any timm model name (``timm.list_models()``).
@@ -104,9 +106,25 @@ def create_timm_model(name: str, pretrained: bool = False, checkpoint: str | Pat
     elif not pretrained:
         key += "-untrained"
     cfg = resolve_data_config(model=model)
-    adapter = ViTAdapter(model.eval(), cfg["mean"], cfg["std"], key=key, data_config=cfg)
-    return adapter, {"key": key, "arch": name, "pretrained": pretrained,
+    is_vit = all(hasattr(model, a) for a in ("patch_embed", "blocks", "num_prefix_tokens", "_pos_embed"))
+    cls = ViTAdapter if is_vit else ImageAdapter
+    adapter = cls(model.eval(), cfg["mean"], cfg["std"], key=key, data_config=cfg)
+    return adapter, {"key": key, "arch": name, "pretrained": pretrained, "vit": is_vit,
                      "checkpoint": str(checkpoint) if checkpoint else None, "data_config": cfg}
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | None = None,
+                 num_classes: int | None = None) -> tuple[ImageAdapter, dict[str, Any]]:
+    """A model by name: ``hf:<hub id or folder>`` for Hugging Face ViTs, else a timm name
+    (see :func:`create_timm_model`)."""
+    from patchbench.models.hf import PREFIX, create_hf_model
+
+    if name.startswith(PREFIX):
+        if checkpoint is not None or num_classes is not None:
+            raise ValueError("hf: models load their weights and classes from the hub id or folder; "
+                             "--checkpoint does not apply")
+        return create_hf_model(name)
+    return create_timm_model(name, pretrained, checkpoint, num_classes)
 
 
 def resize_for_model(images: Tensor, size: tuple[int, int], crop_pct: float = 1.0,
