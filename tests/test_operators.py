@@ -232,7 +232,8 @@ def test_operators_are_registered():
     assert set(ALL_OPS) <= set(list_operators())
     for name in ALL_OPS:
         assert create_operator(name).name == name
-    assert create_operator("noise", seed=3).config() == {"name": "noise", "seed": 3}
+    assert create_operator("noise", seed=3).config() == {"name": "noise", "seed": 3, "space": "pixel",
+                                                         "low": 0.0, "high": 1.0}
     assert create_operator("blur", sigma=0.5).config() == {"name": "blur", "sigma_patches": 0.5}
 
 
@@ -246,3 +247,9 @@ def test_unknown_operator_lists_names_and_suggests(typo, suggestion):
     valid = msg.split("Valid operators:")[1]
     for name in ALL_OPS:
         assert name in valid
+
+
+def test_noise_needs_one_seed_per_image(tiny):
+    images = tiny.normalize(torch.rand(4, 3, *tiny.img_size))
+    with pytest.raises(ValueError, match="one seed per image: got 1 seeds for 4 images"):
+        create_operator("noise").prepare(tiny, images, torch.tensor([0]))

@@ -26,44 +26,71 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run a benchmark and write results/<run>/",
                        description="Train (or reuse) the model, attribute, score, and write "
-                                   "scores.csv, curves, leaderboard.md/.csv, curves.png, run.json.")
-    b.add_argument("--run", default=d.run, help="run name: results go to RESULTS_DIR/RUN "
-                   "(default: %(default)s)")
-    b.add_argument("--model", default=d.model,
-                   help="embedded model (pb-vit-tiny, trained per dataset) or any timm model name "
-                        "(default: %(default)s)")
-    b.add_argument("--pretrained", action="store_true", help="timm model: load timm's pretrained weights")
-    b.add_argument("--checkpoint", default=None, help="timm model: local .safetensors/.pth weights")
-    b.add_argument("--data-root", default=None,
-                   help="folder of a dataset read from disk (cifar10, imagefolder)")
-    b.add_argument("--datasets", type=_csv, default=d.datasets,
-                   help="comma-separated dataset names (default: %(default)s)")
-    b.add_argument("--methods", type=_csv, default=d.methods,
-                   help="comma-separated method names or wildcards (default: %(default)s)")
-    b.add_argument("--operators", type=_csv, default=d.operators,
-                   help="comma-separated removal operators (default: %(default)s)")
-    b.add_argument("--n-images", type=int, default=d.n_images,
-                   help="images per dataset, stratified over classes (default: %(default)s)")
-    b.add_argument("--steps", type=int, default=d.steps,
-                   help="steps per curve, 0 = one per patch (default: %(default)s)")
-    b.add_argument("--seed", type=int, default=d.seed, help="seed for everything (default: 0)")
-    b.add_argument("--target", choices=["prediction", "label"], default=d.target,
-                   help="class whose probability is tracked (default: %(default)s)")
-    b.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="images per attribution call (default: %(default)s)")
-    b.add_argument("--chunk-size", type=int, default=d.chunk_size,
-                   help="(image, step) rows per forward pass (default: %(default)s)")
-    b.add_argument("--results-dir", default=d.results_dir, help="(default: %(default)s)")
+                                   "scores.csv, curves, leaderboard.md/.csv, curves.png, run.json. "
+                                   "Settings come from the defaults, then --config, then the "
+                                   "options given here.")
+    # options default to SUPPRESS so that only those given override the config file
+    opt = {"default": argparse.SUPPRESS}
+    b.add_argument("--config", default=None,
+                   help="TOML run config: a path, or a name in configs/ (default, paper-cifar10, "
+                        "paper-imagenet, ours)")
+    b.add_argument("--run", **opt, help=f"run name: results go to RESULTS_DIR/RUN (default: {d.run})")
+    b.add_argument("--model", **opt,
+                   help="embedded model (pb-vit-tiny, trained per dataset), any timm model name, or "
+                        f"hf:<hub id or folder> for a Hugging Face ViT (default: {d.model})")
+    b.add_argument("--pretrained", action="store_true", **opt,
+                   help="timm model: load timm's pretrained weights")
+    b.add_argument("--checkpoint", **opt, help="timm model: local .safetensors/.pth weights")
+    b.add_argument("--data-root", **opt, help="folder of a dataset read from disk (cifar10, imagefolder)")
+    b.add_argument("--train-data-root", **opt,
+                   help="train split for DiffMask when it is another folder (imagefolder)")
+    b.add_argument("--datasets", type=_csv, **opt,
+                   help=f"comma-separated dataset names (default: {','.join(d.datasets)})")
+    b.add_argument("--methods", type=_csv, **opt,
+                   help=f"comma-separated method names or wildcards (default: {','.join(d.methods)})")
+    b.add_argument("--operators", type=_csv, **opt,
+                   help=f"comma-separated removal operators (default: {','.join(d.operators)})")
+    b.add_argument("--n-images", type=int, **opt,
+                   help=f"images per dataset, stratified over classes (default: {d.n_images})")
+    b.add_argument("--steps", type=int, **opt,
+                   help=f"steps per curve, 0 = one per patch (default: {d.steps})")
+    b.add_argument("--seed", type=int, **opt, help=f"seed for everything (default: {d.seed})")
+    b.add_argument("--target", choices=["prediction", "label"], **opt,
+                   help=f"class whose probability is tracked (default: {d.target})")
+    b.add_argument("--batch-size", type=int, **opt,
+                   help=f"images per attribution call (default: {d.batch_size})")
+    b.add_argument("--chunk-size", type=int, **opt,
+                   help=f"(image, step) rows per forward pass (default: {d.chunk_size})")
+    b.add_argument("--device", **opt, help="auto, cpu, cuda or cuda:N (default: auto = cuda if present)")
+    b.add_argument("--autocast", choices=["bf16", "fp16"], **opt,
+                   help="mixed precision on GPU (default: off)")
+    b.add_argument("--results-dir", **opt, help=f"(default: {d.results_dir})")
     b.add_argument("--quiet", action="store_true", help="no progress bars or table")
 
-    t = sub.add_parser("train", help="train (or load from cache) an embedded model on a dataset",
-                       description="Train a small ViT on a registered dataset; the checkpoint is "
-                                   "cached under a key of architecture, dataset, seed and config.")
+    t = sub.add_parser("train", help="train an embedded model, or fine-tune a timm model on data on disk",
+                       description="Embedded models (pb-vit-tiny) train on a generated dataset and are "
+                                   "cached by key. Any timm model fine-tunes on cifar10/imagefolder "
+                                   "with checkpoints in --out; the same command again resumes.")
     t.add_argument("--dataset", required=True, help="dataset name (see `patchbench list datasets`)")
-    t.add_argument("--model", default=d.model, help="architecture (default: %(default)s)")
+    t.add_argument("--model", default=d.model, help="pb-vit-tiny or a timm model (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    t.add_argument("--epochs", type=int, default=1, help="(default: %(default)s)")
-    t.add_argument("--train-size", type=int, default=20_000, help="(default: %(default)s)")
+    t.add_argument("--epochs", type=int, default=None, help="(default: 1 embedded, 3 fine-tuning)")
+    t.add_argument("--train-size", type=int, default=20_000, help="embedded: generated training images")
+    t.add_argument("--pretrained", action="store_true", help="fine-tuning: start from timm's weights")
+    t.add_argument("--checkpoint", default=None, help="fine-tuning: start from local weights")
+    t.add_argument("--data-root", default=None, help="fine-tuning: dataset folder")
+    t.add_argument("--eval-data-root", default=None,
+                   help="fine-tuning: evaluation folder (imagefolder; default: test split of --data-root)")
+    t.add_argument("--out", default=None,
+                   help="fine-tuning: output folder (default: checkpoints/MODEL_DATASET)")
+    t.add_argument("--batch-size", type=int, default=64, help="fine-tuning (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=1e-4, help="fine-tuning peak lr (default: %(default)s)")
+    t.add_argument("--limit", type=int, default=None, help="fine-tuning: training images (stratified)")
+    t.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default: 200)")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
+    t.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    t.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="mixed precision on GPU")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
     dm = sub.add_parser("train-diffmask", help="train (or load from cache) a Vision DiffMask explainer",
@@ -127,11 +154,29 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from patchbench.models.zoo import TrainConfig, checkpoint_path, load_model
+    from patchbench.models.zoo import MODELS, TrainConfig, checkpoint_path, load_model
 
-    cfg = TrainConfig(seed=args.seed, epochs=args.epochs, train_size=args.train_size)
+    if args.model not in MODELS:
+        return _finetune(args)
+    cfg = TrainConfig(seed=args.seed, epochs=args.epochs or 1, train_size=args.train_size)
     adapter, meta = load_model(args.model, args.dataset, cfg, progress=not args.quiet)
     print(json.dumps({**meta, "checkpoint": str(checkpoint_path(adapter.key))}, indent=2))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from patchbench.models.finetune import FinetuneConfig, finetune
+
+    if args.data_root is None:
+        raise ValueError(f"fine-tuning {args.model} needs --data-root (the {args.dataset} folder)")
+    cfg = FinetuneConfig(epochs=args.epochs or 3, batch_size=args.batch_size, lr=args.lr,
+                         limit=args.limit, seed=args.seed)
+    out = args.out or f"checkpoints/{args.model}_{args.dataset}"
+    metrics = finetune(args.model, args.dataset, args.data_root, out, cfg, pretrained=args.pretrained,
+                       checkpoint=args.checkpoint, device=args.device, autocast=args.autocast,
+                       save_every=args.save_every, max_steps=args.max_steps, resume=not args.no_resume,
+                       eval_data_root=args.eval_data_root, progress=not args.quiet)
+    print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -158,11 +203,13 @@ def _train_diffmask(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from patchbench.bench.config import BenchConfig
+    from patchbench.bench.config import BenchConfig, read_config
     from patchbench.bench.runner import run_benchmark
 
     names = {f.name for f in fields(BenchConfig)}
-    cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in names})
+    values = read_config(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    cfg = BenchConfig(**values)
     cfg.methods = _expand_methods(cfg.methods)
     cfg.steps = cfg.steps or None
     start = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import asdict
@@ -24,7 +25,7 @@ from patchbench.methods.diffmask import diffmask_meta
 from patchbench.methods.diffmask_train import DiffMaskConfig
 from patchbench.metrics import CURVES, faithfulness_curves, log_probs, patch_auroc, prepare_reference
 from patchbench.models import create_operator, load_model
-from patchbench.models.hub import create_timm_model
+from patchbench.models.hub import create_model
 from patchbench.models.zoo import MODELS, TrainConfig
 from patchbench.utils import provenance, seed_everything, write_json
 
@@ -39,18 +40,23 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     cfg.validate()
     started = time.perf_counter()
     seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
     scores, curves, timing, models, sample_ids = [], [], [], {}, {}
     train_logs: dict[str, Path] = {}
     for dataset in cfg.datasets:
         adapter, meta = _load_model(cfg, dataset, progress)
+        _check_token_needs(cfg, adapter)
+        adapter.to(device)
         models[dataset] = meta
         pixels, labels, gt_pixels, ids = _load_samples(cfg, dataset)
         sample_ids[dataset] = ids
         if gt_pixels.any() and tuple(pixels.shape[-2:]) != adapter.img_size:
             raise ValueError(f"{dataset} images are {tuple(pixels.shape[-2:])}, the model takes "
                              f"{adapter.img_size}: ground-truth masks would not line up with patches")
-        images = adapter.prepare(pixels)
-        logp_clean = log_probs(adapter, images, cfg.chunk_size)
+        images = adapter.prepare(pixels).to(device)
+        labels = labels.to(device)
+        with autocast(device, cfg.autocast):
+            logp_clean = log_probs(adapter, images, cfg.chunk_size)
         pred = logp_clean.argmax(1)
         meta["eval_accuracy"] = round((pred == labels).float().mean().item(), 4)
         target = pred if cfg.target == "prediction" else labels
@@ -63,31 +69,43 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         if "diffmask" in cfg.methods or "placeholder" in cfg.operators:
             ckpt = method_options.setdefault("diffmask", {}).get("checkpoint")
             if ckpt is None:
+                if dataset == "imagefolder" and not cfg.train_data_root:
+                    raise ValueError("DiffMask trains on a train split, and an image folder has none: "
+                                     "give --train-data-root (e.g. ImageNet's train/ folder), or "
+                                     "a trained explainer in method_options.diffmask.checkpoint")
                 dm_cfg = DiffMaskConfig(**{"seed": cfg.seed, **cfg.diffmask_config})
-                ckpt = diffmask_train.train_or_load(adapter, dataset, dm_cfg, progress=progress,
-                                                    data_root=cfg.data_root)
+                ckpt = diffmask_train.train_or_load(
+                    adapter, dataset, dm_cfg, progress=progress,
+                    data_root=cfg.train_data_root or cfg.data_root,
+                    dataset_options=cfg.dataset_options.get(dataset, {}))
                 method_options["diffmask"]["checkpoint"] = str(ckpt)
                 train_logs[f"diffmask_train_{dataset}.csv"] = Path(ckpt).with_suffix(".csv")
             meta["diffmask"] = {"checkpoint": str(ckpt), **diffmask_meta(ckpt)}
-        operators = {name: create_operator(name, **_operator_options(name, images, cfg.seed,
+        operators = {name: create_operator(name, **_operator_options(name, images, cfg,
                                                                      method_options))
                      for name in cfg.operators}
-        references = {name: prepare_reference(adapter, op, images, seeds, cfg.chunk_size, logp_clean)
-                      for name, op in operators.items()}
+        meta["operators"] = {name: op.config() for name, op in operators.items()}
+        with autocast(device, cfg.autocast):
+            references = {name: prepare_reference(adapter, op, images, seeds, cfg.chunk_size,
+                                                  logp_clean)
+                          for name, op in operators.items()}
         for method_name in cfg.methods:
             method = create_method(method_name, adapter, **method_options.get(method_name, {}))
             t0 = time.perf_counter()
-            maps = torch.cat([
-                method.attribute(x, t) for x, t in tqdm(
-                    list(zip(images.split(cfg.batch_size), target.split(cfg.batch_size))),
-                    desc=f"{dataset}: {method_name}", disable=not progress, leave=False)])
+            with autocast(device, cfg.autocast):
+                maps = torch.cat([
+                    method.attribute(x, t) for x, t in tqdm(
+                        list(zip(images.split(cfg.batch_size), target.split(cfg.batch_size))),
+                        desc=f"{dataset}: {method_name}", disable=not progress, leave=False)])
+            _sync(device)
             timing.append({"dataset": dataset, "method": method_name,
                            "ms_per_image": 1000 * (time.perf_counter() - t0) / len(ids)})
-            auroc = patch_auroc(maps, truth)
+            auroc = patch_auroc(maps.cpu(), truth)
             scores += _rows(base, method_name, "-", {"auroc": auroc}, ids)
             for op_name, op in operators.items():
-                c = faithfulness_curves(adapter, op, images, target, maps, references[op_name],
-                                        cfg.steps, cfg.chunk_size, progress=progress)
+                with autocast(device, cfg.autocast):
+                    c = faithfulness_curves(adapter, op, images, target, maps, references[op_name],
+                                            cfg.steps, cfg.chunk_size, progress=progress)
                 scores += _rows(base, method_name, op_name, c.scores(), ids)
                 curves.append(_curve_frame(base, method_name, op_name, c, ids))
     scores_df = pd.DataFrame(scores)
@@ -125,31 +143,74 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def _load_model(cfg: BenchConfig, dataset: str, progress: bool) -> tuple[Any, dict[str, Any]]:
-    """An embedded model trained for ``dataset``, or any timm model by name."""
+    """An embedded model trained for ``dataset``, any timm model by name, or ``hf:<id>``."""
     if cfg.model in MODELS:
         return load_model(cfg.model, dataset, TrainConfig(seed=cfg.seed), progress=progress)
-    return create_timm_model(cfg.model, cfg.pretrained, cfg.checkpoint)
+    return create_model(cfg.model, cfg.pretrained, cfg.checkpoint)
+
+
+def _check_token_needs(cfg: BenchConfig, adapter: Any) -> None:
+    """Refuses, before any work, methods and operators a non-ViT model cannot serve."""
+    if adapter.is_vit:
+        return
+    from patchbench.methods import METHODS
+    from patchbench.models import OPERATORS
+    from patchbench.models.adapter import NotAViTError
+
+    methods = [m for m in cfg.methods if METHODS.get(m).needs_tokens]
+    operators = [o for o in cfg.operators if OPERATORS.get(o).needs_tokens]
+    if methods or operators:
+        ok_m = [m for m in METHODS.list() if not METHODS.get(m).needs_tokens]
+        ok_o = [o for o in OPERATORS.list() if not OPERATORS.get(o).needs_tokens]
+        raise NotAViTError(
+            f"{cfg.model} is not a vision transformer, so it has no patch tokens for "
+            f"{', '.join(methods + operators)}. On any model you can use the methods "
+            f"{', '.join(ok_m)} and the operators {', '.join(ok_o)} "
+            f"(e.g. --methods {','.join(ok_m)} --operators {','.join(ok_o[:2])}).")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str | None) -> Any:
+    """Mixed precision on GPU when asked (``bf16``/``fp16``); a no-op otherwise. Log-softmax,
+    KL and AUCs are computed in float32 whatever the forward pass's precision."""
+    if precision is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # so timings measure the work, not the kernel launches
+        torch.cuda.synchronize(device)
 
 
 def _load_samples(cfg: BenchConfig, dataset: str) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """Pixels, labels, ground-truth masks and sample ids: ``n_images`` stratified over classes."""
     if issubclass(DATASETS.get(dataset), FileDataset):
-        ds = create_dataset(dataset, "test", data_root=cfg.data_root, limit=cfg.n_images, seed=cfg.seed)
+        ds = create_dataset(dataset, "test", data_root=cfg.data_root, limit=cfg.n_images, seed=cfg.seed,
+                            **cfg.dataset_options.get(dataset, {}))
         return (*ds.tensors(), list(ds.indices))
     pixels, labels, masks = create_dataset(dataset, "test", seed=cfg.seed).tensors()
     ids = select_samples(labels, cfg.n_images, cfg.seed)
     return pixels[ids], labels[ids], masks[ids], ids
 
 
-def _operator_options(name: str, images: Tensor, seed: int,
+def _operator_options(name: str, images: Tensor, cfg: BenchConfig,
                       method_options: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    options = dict(cfg.operator_options.get(name, {}))
     if name == "mean":  # the evaluated images' mean colour, in model-input space
-        return {"colour": tuple(round(v, 6) for v in images.mean((0, 2, 3)).tolist())}
+        options.setdefault("colour", tuple(round(v, 6) for v in images.mean((0, 2, 3)).tolist()))
     if name == "noise":
-        return {"seed": seed}
+        options.setdefault("seed", cfg.seed)
     if name == "placeholder":  # DiffMask's learned vector, from the same checkpoint
-        return {"checkpoint": method_options["diffmask"]["checkpoint"]}
-    return {}
+        options.setdefault("checkpoint", method_options["diffmask"]["checkpoint"])
+    return options
 
 
 def _method_options(name: str, cfg: BenchConfig) -> dict[str, Any]:

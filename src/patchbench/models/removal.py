@@ -15,18 +15,23 @@ import torch
 import torchvision.transforms.functional as TF
 from torch import Tensor
 
-from patchbench.models.adapter import ViTAdapter
+from patchbench.models.adapter import ImageAdapter, ViTAdapter
 from patchbench.registry import Registry
 
 OPERATORS: Registry[RemovalOperator] = Registry("operator")
 
 
 class RemovalOperator:
-    """Base class. Subclasses set ``name`` and override :meth:`__call__` (and ``prepare``)."""
+    """Base class. Subclasses set ``name`` and override :meth:`__call__` (and ``prepare``).
+
+    ``needs_tokens`` marks operators that work on a ViT's patch tokens (the others replace
+    pixels and work on any image classifier).
+    """
 
     name = "base"
+    needs_tokens = False
 
-    def prepare(self, adapter: ViTAdapter, images: Tensor, seeds: Tensor) -> Tensor | None:
+    def prepare(self, adapter: ImageAdapter, images: Tensor, seeds: Tensor) -> Tensor | None:
         """Per-image state computed once from the clean images.
 
         Args:
@@ -41,7 +46,7 @@ class RemovalOperator:
         return None
 
     def __call__(
-        self, adapter: ViTAdapter, images: Tensor, keep: Tensor, state: Tensor | None
+        self, adapter: ImageAdapter, images: Tensor, keep: Tensor, state: Tensor | None
     ) -> Tensor:
         """Logits ``[B, C]`` for ``images`` with the patches where ``keep`` ``[B, P]`` is False removed."""
         raise NotImplementedError
@@ -53,19 +58,19 @@ class RemovalOperator:
 class PixelOperator(RemovalOperator):
     """Replaces removed patches, whole, by the pixels of a per-image baseline image."""
 
-    def baseline(self, adapter: ViTAdapter, images: Tensor, seeds: Tensor) -> Tensor:
+    def baseline(self, adapter: ImageAdapter, images: Tensor, seeds: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def prepare(self, adapter: ViTAdapter, images: Tensor, seeds: Tensor) -> Tensor:
+    def prepare(self, adapter: ImageAdapter, images: Tensor, seeds: Tensor) -> Tensor:
         return self.baseline(adapter, images, seeds)
 
     def __call__(
-        self, adapter: ViTAdapter, images: Tensor, keep: Tensor, state: Tensor | None
+        self, adapter: ImageAdapter, images: Tensor, keep: Tensor, state: Tensor | None
     ) -> Tensor:
         return adapter.logits(composite(adapter, images, keep, state))
 
 
-def composite(adapter: ViTAdapter, images: Tensor, keep: Tensor, baseline: Tensor) -> Tensor:
+def composite(adapter: ImageAdapter, images: Tensor, keep: Tensor, baseline: Tensor) -> Tensor:
     """Images with the patches where ``keep`` ``[B, P]`` is False taken from ``baseline``."""
     return torch.where(adapter.patch_to_pixel(keep).bool(), images, baseline)
 
@@ -85,7 +90,7 @@ class MeanOperator(PixelOperator):
     def __init__(self, colour: tuple[float, ...] | None = None) -> None:
         self.colour = tuple(colour) if colour is not None else None
 
-    def baseline(self, adapter: ViTAdapter, images: Tensor, seeds: Tensor) -> Tensor:
+    def baseline(self, adapter: ImageAdapter, images: Tensor, seeds: Tensor) -> Tensor:
         colour = torch.tensor(self.colour or (0.0,) * images.shape[1], dtype=images.dtype,
                               device=images.device)
         return colour.view(1, -1, 1, 1).expand_as(images)
@@ -100,7 +105,7 @@ class ZeroOperator(PixelOperator):
 
     name = "zero"
 
-    def baseline(self, adapter: ViTAdapter, images: Tensor, seeds: Tensor) -> Tensor:
+    def baseline(self, adapter: ImageAdapter, images: Tensor, seeds: Tensor) -> Tensor:
         black = adapter.normalize(torch.zeros(1, images.shape[1], 1, 1, device=images.device))
         return black.to(images.dtype).expand_as(images)
 
@@ -118,7 +123,7 @@ class BlurOperator(PixelOperator):
     def __init__(self, sigma: float = 1.0) -> None:
         self.sigma = sigma
 
-    def baseline(self, adapter: ViTAdapter, images: Tensor, seeds: Tensor) -> Tensor:
+    def baseline(self, adapter: ImageAdapter, images: Tensor, seeds: Tensor) -> Tensor:
         sigma = self.sigma * max(adapter.patch_size)
         # reflect padding needs the kernel's half-width below the image size
         half = min(math.ceil(3 * sigma), min(images.shape[-2:]) - 1)
@@ -130,29 +135,50 @@ class BlurOperator(PixelOperator):
 
 @OPERATORS.register("noise")
 class NoiseOperator(PixelOperator):
-    """Removed pixels take uniform random colours in [0, 1] (before normalisation).
+    """Removed pixels take independent uniform random values, per pixel and channel.
 
-    The noise is drawn once per image from a generator seeded by ``(seed, image seed)``:
-    the same image always gets the same noise, whatever batch it is in.
+    By default the values are U(0, 1) pixel intensities (then normalised). With
+    ``space="normalised"`` they are drawn in the model's input space directly, as the
+    DiffMask paper's evaluation did (U(-1, 1) there). The noise is drawn once per image
+    from a generator seeded by ``(seed, image seed)``: the same image always gets the same
+    noise, at every step and whatever batch it is in.
 
     Args:
         seed: Run seed mixed into every image's seed.
+        space: ``pixel`` (values in [0, 1] before normalisation) or ``normalised``.
+        low: Lower end of the uniform range (default 0 in pixel space, -1 in normalised).
+        high: Upper end (default 1).
     """
 
     name = "noise"
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, space: str = "pixel", low: float | None = None,
+                 high: float = 1.0) -> None:
+        if space not in ("pixel", "normalised"):
+            raise ValueError(f"noise space must be 'pixel' or 'normalised', got {space!r}")
         self.seed = seed
+        self.space = space
+        self.low = float(low if low is not None else (0.0 if space == "pixel" else -1.0))
+        self.high = float(high)
+        if not self.low < self.high:
+            raise ValueError(f"noise range needs low < high, got [{self.low}, {self.high}]")
 
-    def baseline(self, adapter: ViTAdapter, images: Tensor, seeds: Tensor) -> Tensor:
+    def baseline(self, adapter: ImageAdapter, images: Tensor, seeds: Tensor) -> Tensor:
+        if len(seeds) != images.shape[0]:
+            raise ValueError(f"noise needs one seed per image: got {len(seeds)} seeds for "
+                             f"{images.shape[0]} images")
         noise = torch.empty(images.shape, dtype=torch.float32)
         for i, s in enumerate(seeds.tolist()):
             g = torch.Generator().manual_seed(hash_seed(self.seed, s))
             noise[i] = torch.rand(images.shape[1:], generator=g)
-        return adapter.normalize(noise.to(images.device)).to(images.dtype)
+        noise = (self.low + (self.high - self.low) * noise).to(images.device)
+        if self.space == "pixel":
+            noise = adapter.normalize(noise)
+        return noise.to(images.dtype)
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "seed": self.seed}
+        return {"name": self.name, "seed": self.seed, "space": self.space, "low": self.low,
+                "high": self.high}
 
 
 @OPERATORS.register("drop")
@@ -160,6 +186,7 @@ class DropOperator(RemovalOperator):
     """Removed patch tokens are left out of the sequence; kept ones keep their positions."""
 
     name = "drop"
+    needs_tokens = True
 
     def __call__(
         self, adapter: ViTAdapter, images: Tensor, keep: Tensor, state: Tensor | None
@@ -198,6 +225,7 @@ class PlaceholderOperator(RemovalOperator):
     """
 
     name = "placeholder"
+    needs_tokens = True
 
     def __init__(self, checkpoint: str | None = None, vector: Tensor | None = None) -> None:
         if (checkpoint is None) == (vector is None):
