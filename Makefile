@@ -9,7 +9,7 @@ CONFIG ?= default
 RUN ?=
 ARGS ?=
 
-.PHONY: install bench test lint clean
+.PHONY: install bench test regress regress-update lint clean
 
 install: $(VENV)/.synced
 
@@ -27,6 +27,14 @@ bench: install
 test: install
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/patchbench regress --config ci --quiet
+
+# faithfulness scores of configs/ci.toml against results/reference/ci.json
+regress: install
+	$(VENV)/bin/patchbench regress --config ci
+
+regress-update: install
+	$(VENV)/bin/patchbench regress --config ci --update
 
 lint: install
 	$(VENV)/bin/ruff check src tests

@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import fields
 
+from patchbench.bench.chunks import MissingChunkError
 from patchbench.registry import UnknownNameError
 
 
@@ -34,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--config", default=None,
                    help="TOML run config: a path, or a name in configs/ (default, paper-cifar10, "
                         "paper-imagenet, ours)")
+    b.add_argument("--plugin", dest="plugins", action="append", **opt,
+                   help="load a method plugin: path/to/file.py or module:object (repeatable)")
     b.add_argument("--run", **opt, help=f"run name: results go to RESULTS_DIR/RUN (default: {d.run})")
     b.add_argument("--model", **opt,
                    help="embedded model (pb-vit-tiny, trained per dataset), any timm model name, or "
@@ -50,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma-separated method names or wildcards (default: {','.join(d.methods)})")
     b.add_argument("--operators", type=_csv, **opt,
                    help=f"comma-separated removal operators (default: {','.join(d.operators)})")
-    b.add_argument("--n-images", type=int, **opt,
+    b.add_argument("--n-images", "--limit", dest="n_images", type=int, **opt,
                    help=f"images per dataset, stratified over classes (default: {d.n_images})")
     b.add_argument("--steps", type=int, **opt,
                    help=f"steps per curve, 0 = one per patch (default: {d.steps})")
@@ -64,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", **opt, help="auto, cpu, cuda or cuda:N (default: auto = cuda if present)")
     b.add_argument("--autocast", choices=["bf16", "fp16"], **opt,
                    help="mixed precision on GPU (default: off)")
+    b.add_argument("--overwrite", choices=["never", "missing", "always"], **opt,
+                   help="stored results (RESULTS_DIR/.chunks): reuse and compute what is missing, "
+                        "recompute all, or compute nothing new (default: missing)")
     b.add_argument("--results-dir", **opt, help=f"(default: {d.results_dir})")
     b.add_argument("--quiet", action="store_true", help="no progress bars or table")
 
@@ -105,10 +111,20 @@ def _parser() -> argparse.ArgumentParser:
     dm.add_argument("--results-dir", default=d.results_dir, help="(default: %(default)s)")
     dm.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    r = sub.add_parser("regress", help="run a small config and compare its scores with the reference",
+                       description="Runs the config (recomputing everything) and fails, with a table, "
+                                   "when a score moved beyond the reference's tolerance.")
+    r.add_argument("--config", default="ci", help="config name or path (default: %(default)s)")
+    r.add_argument("--update", action="store_true", help="accept this run's scores as the reference")
+    r.add_argument("--reference-dir", default="results/reference", help="(default: %(default)s)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
     ls = sub.add_parser("list", help="list registered methods, datasets, operators or models",
                         description="List registered names, optionally filtered by a wildcard.")
     ls.add_argument("kind", choices=["methods", "datasets", "operators", "models"])
     ls.add_argument("pattern", nargs="?", default="*", help="wildcard, e.g. '*grad*'")
+    ls.add_argument("--plugin", dest="plugins", action="append", default=[],
+                    help="also load this method plugin (path/to/file.py or module:object)")
     return p
 
 
@@ -134,17 +150,24 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "train-diffmask":
             return _train_diffmask(args)
+        if args.command == "regress":
+            return _regress(args)
         return _bench(args)
-    except (UnknownNameError, ValueError, FileNotFoundError) as e:  # NotAViTError is a ValueError
+    except (UnknownNameError, ValueError, FileNotFoundError, MissingChunkError) as e:  # NotAViTError too
         print(f"patchbench: error: {e}", file=sys.stderr)
         return 2
 
 
 def _list(args: argparse.Namespace) -> int:
     from patchbench.datasets import DATASETS
-    from patchbench.methods import METHODS
+    from patchbench.methods import METHODS, plugins
     from patchbench.models import MODELS, OPERATORS
 
+    problems = plugins.load_entry_points()
+    for spec in args.plugins:
+        problems += plugins.load_plugin(spec)
+    for p in problems:
+        print(f"patchbench: warning: {p}", file=sys.stderr)
     registry = {"methods": METHODS, "datasets": DATASETS, "operators": OPERATORS,
                 "models": MODELS}[args.kind]
     for name in registry.list(args.pattern):
@@ -161,6 +184,22 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(seed=args.seed, epochs=args.epochs or 1, train_size=args.train_size)
     adapter, meta = load_model(args.model, args.dataset, cfg, progress=not args.quiet)
     print(json.dumps({**meta, "checkpoint": str(checkpoint_path(adapter.key))}, indent=2))
+    return 0
+
+
+def _regress(args: argparse.Namespace) -> int:
+    from patchbench.bench.regress import RegressionError, regress, render
+
+    try:
+        table = regress(args.config, args.reference_dir, update=args.update, progress=not args.quiet)
+    except RegressionError as e:
+        print(f"patchbench: regression: {e}", file=sys.stderr)
+        return 1
+    verb = "wrote reference for" if args.update else "no score moved beyond the tolerance in"
+    print(f"{verb} {len(table)} scores of config {args.config!r}")
+    if not args.update:
+        worst = table.assign(margin=table["diff"].abs() / table["allowed"]).nlargest(3, "margin")
+        print(render(worst.drop(columns="margin")))
     return 0
 
 
@@ -208,7 +247,17 @@ def _bench(args: argparse.Namespace) -> int:
 
     names = {f.name for f in fields(BenchConfig)}
     values = read_config(args.config) if args.config else {}
-    values.update({k: v for k, v in vars(args).items() if k in names})
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if "plugins" in given:  # --plugin adds to the config's plugins
+        given["plugins"] = (*values.get("plugins", ()), *given["plugins"])
+    values.update(given)
+    from patchbench.methods import plugins
+
+    problems = plugins.load_entry_points()
+    for spec in values.get("plugins", ()):  # before the method names are expanded
+        problems += plugins.load_plugin(spec)
+    for p in problems:
+        print(f"patchbench: warning: {p}", file=sys.stderr)
     cfg = BenchConfig(**values)
     cfg.methods = _expand_methods(cfg.methods)
     cfg.steps = cfg.steps or None
@@ -218,4 +267,9 @@ def _bench(args: argparse.Namespace) -> int:
         print()
         print(out["markdown"])
         print(f"wrote {out['run_dir']}/ in {time.perf_counter() - start:.0f} s")
+    if out["failures"]:
+        names = ", ".join(f"{f['method']} ({f['dataset']})" for f in out["failures"])
+        print(f"patchbench: error: {len(out['failures'])} method run(s) failed: {names}; the other "
+              f"results are in {out['run_dir']}/ (failures.csv)", file=sys.stderr)
+        return 1
     return 0

@@ -30,6 +30,8 @@ class BenchConfig:
     batch_size: int = 50
     chunk_size: int = 512
     results_dir: str = "results"
+    plugins: tuple[str, ...] = ()  # method plugins: path/to/file.py or module:object
+    overwrite: str = "missing"  # stored result chunks: never | missing | always
     device: str = "auto"  # auto = cuda when available, else cpu
     autocast: str | None = None  # bf16 or fp16 mixed precision on GPU
     train_data_root: str | None = None  # train split for DiffMask when it is another folder
@@ -59,6 +61,8 @@ class BenchConfig:
             raise ValueError(f"target must be 'prediction' or 'label', got {self.target!r}")
         if self.n_images < 2:
             raise ValueError(f"n_images must be at least 2, got {self.n_images}")
+        if self.overwrite not in ("never", "missing", "always"):
+            raise ValueError(f"overwrite must be never, missing or always, got {self.overwrite!r}")
         if self.autocast not in (None, "bf16", "fp16"):
             raise ValueError(f"autocast must be bf16 or fp16 (or unset), got {self.autocast!r}")
         if self.device != "auto":

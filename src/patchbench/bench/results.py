@@ -49,15 +49,21 @@ def _ordered(group: pd.DataFrame) -> list[str]:
 
 
 def render_markdown(summary: pd.DataFrame, timing: pd.DataFrame | None = None,
-                    failures: dict[str, str] | None = None) -> str:
+                    failures: pd.DataFrame | None = None) -> str:
     """Markdown leaderboards, one table per (dataset, model, operator), best first.
 
     Args:
         summary: From :func:`summarise`.
         timing: Optional ``dataset, method, ms_per_image`` attribution times.
-        failures: Optional method -> reason, shown as ``failed: <reason>`` rows.
+        failures: Optional ``dataset, method, error`` rows, shown as ``failed: <reason>``
+            lines in that dataset's tables (or on their own when nothing else was scored).
     """
+    failures = failures if failures is not None else pd.DataFrame(columns=["dataset", "method", "error"])
     lines = []
+    if summary.empty:
+        for f in failures.itertuples():
+            lines.append(f"- {f.dataset} · `{f.method}`: failed: {f.error}")
+        return "\n".join([*lines, "", AUC_NOTE]) + "\n"
     for (dataset, model, op), group in summary.groupby(GROUP, sort=False):
         metrics = [m for m in TABLE_METRICS if m in set(group.metric)]
         header = ["method", *(f"{METRICS[m].label} {'↑' if METRICS[m].higher_is_better else '↓'}"
@@ -80,8 +86,8 @@ def render_markdown(summary: pd.DataFrame, timing: pd.DataFrame | None = None,
                 t = timing[(timing.dataset == dataset) & (timing.method == method)]
                 row.append(f"{t.ms_per_image.iloc[0]:.1f}" if len(t) else "–")
             lines.append("| " + " | ".join(row) + " |")
-        for method, reason in (failures or {}).items():
-            lines.append(f"| {method} | failed: {reason} |" + " |" * (len(header) - 2))
+        for f in failures[failures.dataset == dataset].itertuples():
+            lines.append(f"| {f.method} | failed: {f.error.replace('|', '/')} |" + " |" * (len(header) - 2))
         lines.append("")
     lines.append(AUC_NOTE)
     return "\n".join(lines) + "\n"

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import inspect
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from patchbench import __version__
+from patchbench.bench.chunks import ChunkStore, MissingChunkError
 from patchbench.bench.config import BenchConfig
 from patchbench.bench.results import plot_curves, render_markdown, summarise, wide_leaderboard, write_run
 from patchbench.datasets import DATASETS, create_dataset
@@ -24,10 +29,13 @@ from patchbench.methods import create_method, diffmask_train
 from patchbench.methods.diffmask import diffmask_meta
 from patchbench.methods.diffmask_train import DiffMaskConfig
 from patchbench.metrics import CURVES, faithfulness_curves, log_probs, patch_auroc, prepare_reference
+from patchbench.metrics.faithfulness import Curves
 from patchbench.models import create_operator, load_model
 from patchbench.models.hub import create_model
 from patchbench.models.zoo import MODELS, TrainConfig
-from patchbench.utils import provenance, seed_everything, write_json
+from patchbench.utils import provenance, seed_everything, stable_hash, write_json
+
+SCORE_COLUMNS = ["model", "dataset", "method", "operator", "metric", "sample_id", "value"]
 
 
 def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
@@ -37,11 +45,20 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     ``leaderboard.md``/``.csv``, ``curves.png`` and ``run.json`` (config, seeds, models,
     timings, git commit, package versions). They are written together or not at all.
     """
+    plugin_problems = _load_plugins(cfg)
     cfg.validate()
     started = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    warnings: list[str] = []
+
+    def warn(msg: str) -> None:  # reported even with --quiet, and kept in run.json
+        warnings.append(msg)
+        tqdm.write(msg, file=sys.stderr)
+
+    store = ChunkStore(Path(cfg.results_dir) / ".chunks", cfg.overwrite, warn)
     scores, curves, timing, models, sample_ids = [], [], [], {}, {}
+    failures: list[dict[str, str]] = []
     train_logs: dict[str, Path] = {}
     for dataset in cfg.datasets:
         adapter, meta = _load_model(cfg, dataset, progress)
@@ -89,32 +106,33 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             references = {name: prepare_reference(adapter, op, images, seeds, cfg.chunk_size,
                                                   logp_clean)
                           for name, op in operators.items()}
+        data_key = {"model": model_key, "dataset": dataset, "source": _data_source(cfg, dataset),
+                    "sample_ids": stable_hash(ids, 24), "target": cfg.target,
+                    "precision": [device.type, cfg.autocast], "version": __version__,
+                    "code": package_digest()}
         for method_name in cfg.methods:
-            method = create_method(method_name, adapter, **method_options.get(method_name, {}))
-            t0 = time.perf_counter()
-            with autocast(device, cfg.autocast):
-                maps = torch.cat([
-                    method.attribute(x, t) for x, t in tqdm(
-                        list(zip(images.split(cfg.batch_size), target.split(cfg.batch_size))),
-                        desc=f"{dataset}: {method_name}", disable=not progress, leave=False)])
-            _sync(device)
-            timing.append({"dataset": dataset, "method": method_name,
-                           "ms_per_image": 1000 * (time.perf_counter() - t0) / len(ids)})
-            auroc = patch_auroc(maps.cpu(), truth)
-            scores += _rows(base, method_name, "-", {"auroc": auroc}, ids)
-            for op_name, op in operators.items():
-                with autocast(device, cfg.autocast):
-                    c = faithfulness_curves(adapter, op, images, target, maps, references[op_name],
-                                            cfg.steps, cfg.chunk_size, progress=progress)
-                scores += _rows(base, method_name, op_name, c.scores(), ids)
-                curves.append(_curve_frame(base, method_name, op_name, c, ids))
-    scores_df = pd.DataFrame(scores)
+            try:
+                rows, frames, ms = _score_method(
+                    cfg, store, data_key, adapter, method_name, method_options.get(method_name, {}),
+                    images, target, truth, operators, references, base, ids, progress)
+            except (MissingChunkError, KeyboardInterrupt):
+                raise
+            except Exception as e:  # one method's failure must not cost the others' results
+                reason = f"{type(e).__name__}: {e}".splitlines()[0]
+                failures.append({"dataset": dataset, "method": method_name, "error": reason})
+                warn(f"patchbench: method {method_name!r} failed on {dataset}: {reason}")
+                continue
+            scores += rows
+            curves += frames
+            timing.append({"dataset": dataset, "method": method_name, "ms_per_image": ms})
+    scores_df = pd.DataFrame(scores, columns=SCORE_COLUMNS)
     scores_df = scores_df.dropna(subset=["value"])  # AUROC is undefined for empty/full masks
-    curves_df = pd.concat(curves, ignore_index=True)
-    timing_df = pd.DataFrame(timing)
-    summary = summarise(scores_df)
-    board = wide_leaderboard(summary)
-    markdown = render_markdown(summary, timing_df)
+    curves_df = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
+    timing_df = pd.DataFrame(timing, columns=["dataset", "method", "ms_per_image"])
+    failures_df = pd.DataFrame(failures, columns=["dataset", "method", "error"])
+    summary = summarise(scores_df) if len(scores_df) else pd.DataFrame()
+    board = wide_leaderboard(summary) if len(summary) else pd.DataFrame()
+    markdown = render_markdown(summary, timing_df, failures_df)
     run = {
         "config": asdict(cfg),
         "seeds": {"run": cfg.seed, "model_training": cfg.seed, "sample_selection": cfg.seed,
@@ -124,6 +142,10 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         "timing": {"total_seconds": round(time.perf_counter() - started, 1),
                    "attribution_ms_per_image": timing},
         "patchbench_version": __version__,
+        "failures": failures,
+        "warnings": warnings,
+        "plugin_problems": plugin_problems,
+        "chunks": {"root": str(store.root), "reused": store.reused, "computed": store.computed},
         **provenance(),
     }
     run_dir = Path(cfg.results_dir) / cfg.run
@@ -133,13 +155,79 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                                                     compression="gzip"),
         "leaderboard.csv": lambda p: board.to_csv(p, index=False, float_format="%.6g"),
         "leaderboard.md": lambda p: p.write_text(f"# patchbench leaderboard: {cfg.run}\n\n{markdown}"),
-        "curves.png": lambda p: plot_curves(curves_df, p),
+        **({"curves.png": lambda p: plot_curves(curves_df, p)} if len(curves_df) else {}),
+        **({"failures.csv": lambda p: failures_df.to_csv(p, index=False)} if failures else {}),
         "run.json": lambda p: write_json(p, run),
         **{name: (lambda p, src=src: shutil.copyfile(src, p)) for name, src in train_logs.items()
            if src.exists()},
     })
     return {"markdown": markdown, "scores": scores_df, "curves": curves_df, "summary": summary,
-            "leaderboard": board, "run_dir": run_dir, "run": run}
+            "leaderboard": board, "run_dir": run_dir, "run": run, "failures": failures}
+
+
+def _score_method(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any], adapter: Any,
+                  name: str, options: dict[str, Any], images: Tensor, target: Tensor, truth: Tensor,
+                  operators: dict[str, Any], references: dict[str, Any], base: dict[str, str],
+                  ids: list[int], progress: bool) -> tuple[list[dict[str, Any]], list[pd.DataFrame], float]:
+    """One method on one dataset: maps, then curves under every operator, each a stored chunk."""
+    method = create_method(name, adapter, **options)
+    device = images.device
+    maps_key = {"kind": "maps", **data_key, "method": method.config(),
+                "method_code": file_digest(inspect.getsourcefile(type(method)))}
+
+    def attribute() -> dict[str, Tensor]:
+        t0 = time.perf_counter()
+        with autocast(device, cfg.autocast):
+            maps = torch.cat([
+                method.attribute(x, t) for x, t in tqdm(
+                    list(zip(images.split(cfg.batch_size), target.split(cfg.batch_size))),
+                    desc=f"{base['dataset']}: {name}", disable=not progress, leave=False)])
+        _sync(device)
+        return {"maps": maps, "seconds": torch.tensor(time.perf_counter() - t0, dtype=torch.float64)}
+
+    got = store.get(maps_key, attribute)
+    maps = got["maps"].to(device)
+    rows = _rows(base, name, "-", {"auroc": patch_auroc(maps.cpu(), truth)}, ids)
+    frames = []
+    for op_name, op in operators.items():
+        curves_key = {**maps_key, "kind": "curves", "operator": op.config(), "steps": cfg.steps}
+
+        def score(op: Any = op, op_name: str = op_name) -> dict[str, Tensor]:
+            with autocast(device, cfg.autocast):
+                c = faithfulness_curves(adapter, op, images, target, maps, references[op_name],
+                                        cfg.steps, cfg.chunk_size, progress=progress)
+            return {"x": c.x, **{f"prob_{k}": v for k, v in c.prob.items()},
+                    **{f"kl_{k}": v for k, v in c.kl.items()}}
+
+        p = store.get(curves_key, score)
+        c = Curves(p["x"], {k: p[f"prob_{k}"] for k in CURVES}, {k: p[f"kl_{k}"] for k in CURVES})
+        rows += _rows(base, name, op_name, c.scores(), ids)
+        frames.append(_curve_frame(base, name, op_name, c, ids))
+    return rows, frames, 1000 * float(got["seconds"]) / len(ids)
+
+
+@functools.cache
+def package_digest() -> str:
+    """Hash of patchbench's own source: stored results are never reused across code changes."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def file_digest(path: str | None) -> str | None:
+    """Hash of a method's source file (a plugin's code is not in the package digest)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else None
+
+
+def _data_source(cfg: BenchConfig, dataset: str) -> dict[str, Any] | None:
+    """Where a dataset on disk was read from (part of the chunk keys); None for generated data."""
+    if not issubclass(DATASETS.get(dataset), FileDataset):
+        return None
+    root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None
+    return {"data_root": root, **cfg.dataset_options.get(dataset, {})}
 
 
 def _load_model(cfg: BenchConfig, dataset: str, progress: bool) -> tuple[Any, dict[str, Any]]:
@@ -147,6 +235,18 @@ def _load_model(cfg: BenchConfig, dataset: str, progress: bool) -> tuple[Any, di
     if cfg.model in MODELS:
         return load_model(cfg.model, dataset, TrainConfig(seed=cfg.seed), progress=progress)
     return create_model(cfg.model, cfg.pretrained, cfg.checkpoint)
+
+
+def _load_plugins(cfg: BenchConfig) -> list[str]:
+    """Installed plugins and ``cfg.plugins``; problems are reported and the run goes on."""
+    from patchbench.methods import plugins
+
+    problems = plugins.load_entry_points()
+    for spec in cfg.plugins:
+        problems += plugins.load_plugin(spec)
+    for p in problems:
+        tqdm.write(f"patchbench: warning: {p}", file=sys.stderr)
+    return list(plugins.PROBLEMS)
 
 
 def _check_token_needs(cfg: BenchConfig, adapter: Any) -> None:

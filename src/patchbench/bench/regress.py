@@ -1,0 +1,130 @@
+"""Regression check on faithfulness scores: a small deterministic run against a stored reference.
+
+``results/reference/<config>.json`` holds the per-(dataset, operator, method, metric) mean
+scores of a run of ``configs/<config>.toml``. :func:`regress` runs the config again (always
+recomputing: stored chunks are not trusted here) and fails with a table of what moved more
+than the tolerance; ``update=True`` accepts the new scores as the reference.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from patchbench.bench.config import BenchConfig, read_config
+from patchbench.utils import provenance, write_json
+
+REFERENCE_DIR = Path("results/reference")
+# Allowed |now - reference| per kind of score: twice the largest shift measured when every model
+# and explainer was retrained with 1 CPU thread instead of 2 (another float reduction order, as
+# another machine gives); two runs on one machine are byte-identical. See docs/regression.md.
+TOLERANCE = {"auroc": 0.07, "prob_auc": 0.07, "srg": 0.11, "kl_auc": 0.55}
+
+
+def score_kind(key: str) -> str:
+    """``glyphs/mean/rollout/deletion_kl_auc`` -> ``kl_auc`` (the tolerance that applies)."""
+    metric = key.rsplit("/", 1)[-1]
+    for kind in ("kl_auc", "prob_auc"):
+        if metric.endswith(kind):
+            return kind
+    return metric
+
+
+class RegressionError(AssertionError):
+    """Scores moved beyond the tolerance; the message holds the table of what moved."""
+
+
+def reference_scores(scores: pd.DataFrame) -> dict[str, float]:
+    """Mean score per ``dataset/operator/method/metric`` (operator ``-`` for AUROC)."""
+    means = scores.groupby(["dataset", "operator", "method", "metric"], sort=True)["value"].mean()
+    return {"/".join(k): round(float(v), 6) for k, v in means.items()}
+
+
+def compare(reference: dict[str, float], current: dict[str, float],
+            tolerance: dict[str, float]) -> pd.DataFrame:
+    """Every score with its reference, difference, allowed difference and verdict.
+
+    A score is ``moved`` when ``|now - ref|`` exceeds ``tolerance[score_kind(key)]``; a score
+    only in one of the two is ``missing`` or ``new``; a kind with no tolerance allows 0.
+    """
+    rows = []
+    for key in sorted(set(reference) | set(current)):
+        ref, now = reference.get(key), current.get(key)
+        if ref is None or now is None:
+            rows.append({"score": key, "reference": ref, "now": now, "diff": None, "allowed": None,
+                         "status": "new" if ref is None else "missing"})
+            continue
+        allowed = float(tolerance.get(score_kind(key), 0.0))
+        diff = now - ref
+        rows.append({"score": key, "reference": ref, "now": now, "diff": diff, "allowed": allowed,
+                     "status": "moved" if abs(diff) > allowed else "ok"})
+    return pd.DataFrame(rows)
+
+
+def regress(config: str, reference_dir: str | Path = REFERENCE_DIR, update: bool = False,
+            progress: bool = True, **overrides: Any) -> pd.DataFrame:
+    """Runs ``config`` and compares it with its reference (or writes the reference).
+
+    Args:
+        config: A config name in ``configs/`` or a path.
+        reference_dir: Folder of the ``<config>.json`` references.
+        update: Accept the scores of this run as the new reference.
+        progress: Progress bars.
+        **overrides: BenchConfig fields to override (tests use a temporary results dir).
+
+    Returns:
+        The comparison table (see :func:`compare`).
+
+    Raises:
+        RegressionError: Some score moved, appeared or disappeared.
+        FileNotFoundError: No reference yet (run with ``update=True`` once).
+    """
+    from patchbench.bench.runner import run_benchmark
+
+    values = {**read_config(config), **overrides, "overwrite": "always"}
+    cfg = BenchConfig(**values)
+    name = Path(config).stem
+    path = Path(reference_dir) / f"{name}.json"
+    start = time.perf_counter()
+    out = run_benchmark(cfg, progress=progress)
+    if out["failures"]:
+        raise RegressionError(f"{len(out['failures'])} method run(s) failed: {out['failures']}")
+    current = reference_scores(out["scores"])
+    if update:
+        import json
+
+        tolerance = TOLERANCE
+        write_json(path, {"config": name, "tolerance": tolerance, "scores": current,
+                          "n_scores": len(current), "seconds": round(time.perf_counter() - start, 1),
+                          **{k: v for k, v in provenance().items() if k in ("git_commit", "packages")}})
+        return compare(current, current, tolerance)
+    if not path.exists():
+        raise FileNotFoundError(f"no reference {path}; create it with `make regress-update` "
+                                f"(patchbench regress --config {name} --update)")
+    import json
+
+    ref = json.loads(path.read_text())
+    table = compare(ref["scores"], current, ref.get("tolerance", TOLERANCE))
+    bad = table[table.status != "ok"]
+    if len(bad):
+        raise RegressionError(
+            f"{len(bad)} of {len(table)} scores of config {name!r} differ from {path} beyond the "
+            f"tolerance ({', '.join(f'{k} {v}' for k, v in ref.get('tolerance', TOLERANCE).items())}):\n\n"
+            + render(bad) + "\n\nIf the change is intended: make regress-update")
+    return table
+
+
+def render(table: pd.DataFrame) -> str:
+    """The comparison rows as a Markdown table."""
+    lines = ["| score | reference | now | diff | allowed | status |", "|---|---|---|---|---|---|"]
+
+    def f(v: Any, fmt: str = ".4f") -> str:
+        return "–" if v is None or pd.isna(v) else format(v, fmt)
+
+    for r in table.itertuples():
+        lines.append(f"| {r.score} | {f(r.reference)} | {f(r.now)} | {f(r.diff, '+.4f')} | "
+                     f"{f(r.allowed)} | {r.status} |")
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""Method plugins: installed packages (entry points) and files or modules named on the command line.
+
+A plugin either registers methods when imported (``@register_method``) or *is* a
+:class:`Method` subclass, registered under the entry point's name (or its ``name``). A plugin
+that fails to import, registers a name already taken, or does not follow the contract is
+reported by name with what is wrong; the other plugins and the run go on.
+
+Entry points, in a plugin package's ``pyproject.toml``::
+
+    [project.entry-points."patchbench.methods"]
+    smoothgrad = "patchbench_smoothgrad:SmoothGrad"
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from patchbench.methods.base import METHODS, Method
+
+GROUP = "patchbench.methods"
+PROBLEMS: list[str] = []  # every problem met so far (the runner copies them into run.json)
+_entry_points_loaded = False
+_specs_loaded: set[str] = set()
+
+
+def load_entry_points(force: bool = False) -> list[str]:
+    """Loads every installed ``patchbench.methods`` plugin once; returns the problems met."""
+    global _entry_points_loaded
+    if _entry_points_loaded and not force:
+        return []
+    _entry_points_loaded = True
+    problems = []
+    for ep in entry_points(group=GROUP):
+        dist = getattr(getattr(ep, "dist", None), "name", None)
+        label = f"{ep.name} = {ep.value}" + (f" (package {dist})" if dist else "")
+        problems += _add(label, ep.load, ep.name)
+    PROBLEMS.extend(problems)
+    return problems
+
+
+def load_plugin(spec: str) -> list[str]:
+    """Loads ``path/to/file.py``, ``module`` or ``module:object`` (once; later calls with the
+    same spec do nothing); returns the problems met."""
+    if spec in _specs_loaded:
+        return []
+    if spec.endswith(".py"):
+        problems = _add(spec, lambda: _import_file(Path(spec)))
+    else:
+        module, _, attr = spec.partition(":")
+        problems = _add(spec, lambda: _import_object(module, attr))
+    _specs_loaded.add(spec)  # reported once, not again by every later caller
+    PROBLEMS.extend(problems)
+    return problems
+
+
+def contract_problem(cls: type) -> str | None:
+    """Why a class cannot be a method, or None when it can be registered."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        return (f"{cls!r} is not a patchbench Method subclass (expected a class deriving from "
+                "patchbench.methods.Method that overrides _attribute, or a module that registers one)")
+    if cls._attribute is Method._attribute:
+        return f"{cls.__name__} does not override _attribute(images, target) -> maps [B, Hp, Wp]"
+    return None
+
+
+def _add(label: str, load: Callable[[], Any], name: str | None = None) -> list[str]:
+    before = set(METHODS.list())
+    try:
+        obj = load()
+    except Exception as e:  # a broken plugin must not stop the others
+        return [f"plugin {label} failed to load: {type(e).__name__}: {e}"]
+    if isinstance(obj, ModuleType):
+        if set(METHODS.list()) - before:
+            return []  # it registered its methods itself
+        # otherwise: the Method subclasses it defines, each under its ``name``
+        defined = [c for c in vars(obj).values() if isinstance(c, type) and issubclass(c, Method)
+                   and c.__module__ == obj.__name__ and c._attribute is not Method._attribute]
+        if not defined:
+            return [f"plugin {label} defines no Method subclass overriding _attribute and registers "
+                    "no method"]
+        return [p for c in defined for p in _add(f"{label}:{c.__name__}", lambda c=c: c)]
+    problem = contract_problem(obj)
+    if problem:
+        return [f"plugin {label}: {problem}"]
+    key = name or (obj.name if obj.name != "base" else obj.__name__.lower())
+    try:
+        METHODS.register(key)(obj)
+    except ValueError as e:  # the name is taken: say by whom
+        return [f"plugin {label}: {e}"]
+    if obj.name == "base":
+        obj.name = key
+    return []
+
+
+def _import_file(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file {path}")
+    name = f"patchbench_plugin_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _import_object(module: str, attr: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for part in filter(None, attr.split(".")):
+        obj = getattr(obj, part)
+    return obj
