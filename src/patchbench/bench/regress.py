@@ -88,6 +88,9 @@ def regress(config: str, reference_dir: str | Path = REFERENCE_DIR, update: bool
     cfg = BenchConfig(**values)
     name = Path(config).stem
     path = Path(reference_dir) / f"{name}.json"
+    if not update and not path.exists():  # say so before minutes of work, not after
+        raise FileNotFoundError(f"no reference {path}; create it with `make regress-update` "
+                                f"(patchbench regress --config {name} --update)")
     start = time.perf_counter()
     out = run_benchmark(cfg, progress=progress)
     if out["failures"]:
@@ -101,9 +104,6 @@ def regress(config: str, reference_dir: str | Path = REFERENCE_DIR, update: bool
                           "n_scores": len(current), "seconds": round(time.perf_counter() - start, 1),
                           **{k: v for k, v in provenance().items() if k in ("git_commit", "packages")}})
         return compare(current, current, tolerance)
-    if not path.exists():
-        raise FileNotFoundError(f"no reference {path}; create it with `make regress-update` "
-                                f"(patchbench regress --config {name} --update)")
     import json
 
     ref = json.loads(path.read_text())
