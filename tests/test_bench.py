@@ -20,16 +20,20 @@ SMALL = dict(datasets=("glyphs",), methods=("random", "attention", "rollout"),
 def two_runs(tmp_path_factory, glyphs_model):
     root = tmp_path_factory.mktemp("results")
     a = run_benchmark(BenchConfig(run="a", results_dir=str(root), **SMALL), progress=False)
-    b = run_benchmark(BenchConfig(run="b", results_dir=str(root), **SMALL), progress=False)
+    # recomputed, not read back from a's stored chunks: the determinism check must mean something
+    b = run_benchmark(BenchConfig(run="b", results_dir=str(root), overwrite="always", **SMALL),
+                      progress=False)
     return root, a, b
 
 
 def test_run_writes_all_files(two_runs):
-    root, a, _ = two_runs
+    root, a, b = two_runs
     names = {p.name for p in (root / "a").iterdir()}
     assert names == {"scores.csv", "curves.csv.gz", "leaderboard.csv", "leaderboard.md",
                      "curves.png", "run.json"}
-    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # no staging left
+    # no staging left; only the stored result chunks
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == [".chunks"]
+    assert b["run"]["chunks"]["reused"] == 0 and b["run"]["chunks"]["computed"] > 0
     scores = pd.read_csv(root / "a" / "scores.csv")
     assert list(scores.columns) == ["model", "dataset", "method", "operator", "metric",
                                     "sample_id", "value"]

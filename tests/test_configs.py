@@ -23,7 +23,7 @@ from patchbench.registry import UnknownNameError
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.toml"))
-EXPECTED = {"default", "paper-cifar10", "paper-imagenet", "ours"}
+EXPECTED = {"default", "paper-cifar10", "paper-imagenet", "ours", "ci"}
 PAPER_MODELS = {"paper-cifar10": "hf:tanlq/vit-base-patch16-224-in21k-finetuned-cifar10",
                 "paper-imagenet": "hf:google/vit-base-patch16-224"}
 HALF = (0.5, 0.5, 0.5)
@@ -150,7 +150,7 @@ def recorded(monkeypatch):
 
     def stub(cfg, progress=True):
         seen.append((cfg, progress))
-        return {"markdown": "", "run_dir": "nowhere"}
+        return {"markdown": "", "run_dir": "nowhere", "failures": []}
 
     monkeypatch.setattr(runner, "run_benchmark", stub)
     return seen

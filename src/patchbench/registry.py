@@ -47,6 +47,10 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Removes ``name`` (e.g. what a plugin registered before it failed to import)."""
+        self._entries.pop(name, None)
+
     def get(self, name: str) -> Callable[..., T]:
         """The factory registered as ``name``; raises :class:`UnknownNameError` if none is."""
         try:

@@ -246,7 +246,7 @@ def _load_plugins(cfg: BenchConfig) -> list[str]:
         problems += plugins.load_plugin(spec)
     for p in problems:
         tqdm.write(f"patchbench: warning: {p}", file=sys.stderr)
-    return list(plugins.PROBLEMS)
+    return plugins.problems_of(cfg.plugins)
 
 
 def _check_token_needs(cfg: BenchConfig, adapter: Any) -> None:

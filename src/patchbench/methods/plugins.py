@@ -13,6 +13,7 @@ Entry points, in a plugin package's ``pyproject.toml``::
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -25,9 +26,10 @@ from typing import Any
 from patchbench.methods.base import METHODS, Method
 
 GROUP = "patchbench.methods"
-PROBLEMS: list[str] = []  # every problem met so far (the runner copies them into run.json)
+PROBLEMS: list[str] = []  # every problem met so far in this process
+_entry_point_problems: list[str] = []
 _entry_points_loaded = False
-_specs_loaded: set[str] = set()
+_specs_loaded: dict[str, list[str]] = {}  # spec -> the problems it had
 
 
 def load_entry_points(force: bool = False) -> list[str]:
@@ -41,8 +43,14 @@ def load_entry_points(force: bool = False) -> list[str]:
         dist = getattr(getattr(ep, "dist", None), "name", None)
         label = f"{ep.name} = {ep.value}" + (f" (package {dist})" if dist else "")
         problems += _add(label, ep.load, ep.name)
+    _entry_point_problems.extend(problems)
     PROBLEMS.extend(problems)
     return problems
+
+
+def problems_of(specs: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The problems of the installed plugins and of the given ``--plugin`` specs."""
+    return [*_entry_point_problems, *(p for s in specs for p in _specs_loaded.get(s, []))]
 
 
 def load_plugin(spec: str) -> list[str]:
@@ -55,7 +63,7 @@ def load_plugin(spec: str) -> list[str]:
     else:
         module, _, attr = spec.partition(":")
         problems = _add(spec, lambda: _import_object(module, attr))
-    _specs_loaded.add(spec)  # reported once, not again by every later caller
+    _specs_loaded[spec] = problems  # reported once, not again by every later caller
     PROBLEMS.extend(problems)
     return problems
 
@@ -75,6 +83,8 @@ def _add(label: str, load: Callable[[], Any], name: str | None = None) -> list[s
     try:
         obj = load()
     except Exception as e:  # a broken plugin must not stop the others
+        for added in set(METHODS.list()) - before:  # nothing half-loaded stays registered
+            METHODS.unregister(added)
         return [f"plugin {label} failed to load: {type(e).__name__}: {e}"]
     if isinstance(obj, ModuleType):
         if set(METHODS.list()) - before:
@@ -102,7 +112,9 @@ def _add(label: str, load: Callable[[], Any], name: str | None = None) -> list[s
 def _import_file(path: Path) -> ModuleType:
     if not path.is_file():
         raise FileNotFoundError(f"no such file {path}")
-    name = f"patchbench_plugin_{path.stem}"
+    # the path's hash keeps two plugin files with the same name apart
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
+    name = f"patchbench_plugin_{path.stem}_{digest}"
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
