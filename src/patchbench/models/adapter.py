@@ -54,6 +54,7 @@ class ImageAdapter:
         img_size: tuple[int, int] | None = None,
         patch_size: int | None = None,
     ) -> None:
+        self._check_model(model)
         self.model = model.eval()
         cfg = getattr(model, "pretrained_cfg", None) or {}
         self.mean = tuple(mean if mean is not None else cfg.get("mean", (0.5, 0.5, 0.5)))
@@ -141,6 +142,10 @@ class ImageAdapter:
         return self.model(images)
 
 
+    def _check_model(self, model: nn.Module) -> None:
+        """Refuses a model this adapter cannot serve (subclasses check their structure)."""
+
+
 def _feature_stride(model: nn.Module) -> int | None:
     info = getattr(model, "feature_info", None)
     try:
@@ -158,20 +163,11 @@ class ViTAdapter(ImageAdapter):
         std: Per-channel normalisation std, as ``mean``.
         key: An identifier of the weights.
         data_config: timm data config used by :meth:`prepare`.
+
+    The geometry (``img_size``, ``patch_size``) is read from the model's patch embedding.
     """
 
     is_vit = True
-
-    def __init__(
-        self,
-        model: nn.Module,
-        mean: tuple[float, ...] | None = None,
-        std: tuple[float, ...] | None = None,
-        key: str = "",
-        data_config: dict | None = None,
-    ) -> None:
-        self._check_model(model)
-        super().__init__(model, mean, std, key, data_config)
 
     def _check_model(self, model: nn.Module) -> None:
         missing = [a for a in ("patch_embed", "blocks", "num_prefix_tokens", "_pos_embed")
