@@ -163,11 +163,7 @@ def _list(args: argparse.Namespace) -> int:
     from patchbench.methods import METHODS, plugins
     from patchbench.models import MODELS, OPERATORS
 
-    problems = plugins.load_entry_points()
-    for spec in args.plugins:
-        problems += plugins.load_plugin(spec)
-    for p in problems:
-        print(f"patchbench: warning: {p}", file=sys.stderr)
+    plugins.load_all(args.plugins)
     registry = {"methods": METHODS, "datasets": DATASETS, "operators": OPERATORS,
                 "models": MODELS}[args.kind]
     for name in registry.list(args.pattern):
@@ -253,11 +249,7 @@ def _bench(args: argparse.Namespace) -> int:
     values.update(given)
     from patchbench.methods import plugins
 
-    problems = plugins.load_entry_points()
-    for spec in values.get("plugins", ()):  # before the method names are expanded
-        problems += plugins.load_plugin(spec)
-    for p in problems:
-        print(f"patchbench: warning: {p}", file=sys.stderr)
+    plugins.load_all(values.get("plugins", ()))  # before the method names are expanded
     cfg = BenchConfig(**values)
     cfg.methods = _expand_methods(cfg.methods)
     cfg.steps = cfg.steps or None

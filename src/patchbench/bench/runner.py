@@ -241,11 +241,7 @@ def _load_plugins(cfg: BenchConfig) -> list[str]:
     """Installed plugins and ``cfg.plugins``; problems are reported and the run goes on."""
     from patchbench.methods import plugins
 
-    problems = plugins.load_entry_points()
-    for spec in cfg.plugins:
-        problems += plugins.load_plugin(spec)
-    for p in problems:
-        tqdm.write(f"patchbench: warning: {p}", file=sys.stderr)
+    plugins.load_all(cfg.plugins)
     return plugins.problems_of(cfg.plugins)
 
 

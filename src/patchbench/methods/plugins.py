@@ -48,6 +48,17 @@ def load_entry_points(force: bool = False) -> list[str]:
     return problems
 
 
+def load_all(specs: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Installed plugins and the given specs; problems met for the first time are printed as
+    warnings on stderr (and returned)."""
+    problems = load_entry_points()
+    for spec in specs:
+        problems += load_plugin(spec)
+    for p in problems:
+        print(f"patchbench: warning: {p}", file=sys.stderr)
+    return problems
+
+
 def problems_of(specs: tuple[str, ...] | list[str] = ()) -> list[str]:
     """The problems of the installed plugins and of the given ``--plugin`` specs."""
     return [*_entry_point_problems, *(p for s in specs for p in _specs_loaded.get(s, []))]
