@@ -101,3 +101,24 @@ def provenance() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str | None) -> Any:
+    """Mixed precision on GPU when asked (``bf16``/``fp16``); a no-op otherwise. Log-softmax,
+    KL and AUCs are computed in float32 whatever the forward pass's precision."""
+    if precision is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":  # so timings measure the work, not the kernel launches
+        torch.cuda.synchronize(device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import inspect
@@ -33,7 +32,15 @@ from patchbench.metrics.faithfulness import Curves
 from patchbench.models import create_operator, load_model
 from patchbench.models.hub import create_model
 from patchbench.models.zoo import MODELS, TrainConfig
-from patchbench.utils import provenance, seed_everything, stable_hash, write_json
+from patchbench.utils import (
+    autocast,
+    provenance,
+    resolve_device,
+    seed_everything,
+    stable_hash,
+    sync,
+    write_json,
+)
 
 SCORE_COLUMNS = ["model", "dataset", "method", "operator", "metric", "sample_id", "value"]
 
@@ -182,7 +189,7 @@ def _score_method(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any],
                 method.attribute(x, t) for x, t in tqdm(
                     list(zip(images.split(cfg.batch_size), target.split(cfg.batch_size))),
                     desc=f"{base['dataset']}: {name}", disable=not progress, leave=False)])
-        _sync(device)
+        sync(device)
         return {"maps": maps, "seconds": torch.tensor(time.perf_counter() - t0, dtype=torch.float64)}
 
     got = store.get(maps_key, attribute)
@@ -263,27 +270,6 @@ def _check_token_needs(cfg: BenchConfig, adapter: Any) -> None:
             f"{', '.join(methods + operators)}. On any model you can use the methods "
             f"{', '.join(ok_m)} and the operators {', '.join(ok_o)} "
             f"(e.g. --methods {','.join(ok_m)} --operators {','.join(ok_o[:2])}).")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is the first GPU when CUDA is available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str | None) -> Any:
-    """Mixed precision on GPU when asked (``bf16``/``fp16``); a no-op otherwise. Log-softmax,
-    KL and AUCs are computed in float32 whatever the forward pass's precision."""
-    if precision is None or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":  # so timings measure the work, not the kernel launches
-        torch.cuda.synchronize(device)
 
 
 def _load_samples(cfg: BenchConfig, dataset: str) -> tuple[Tensor, Tensor, Tensor, list[int]]:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from patchbench.utils import atomic_path, write_json
+from patchbench.utils import atomic_path, resolve_device, write_json
+from patchbench.utils import autocast as autocast_ctx
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,6 @@ def finetune(model: str, dataset: str, data_root: str, out: str | Path,
     Returns:
         Metrics: steps done, whether training finished, train loss, test accuracy, paths.
     """
-    from patchbench.bench.runner import autocast as autocast_ctx
-    from patchbench.bench.runner import resolve_device
     from patchbench.datasets import DATASETS, create_dataset
     from patchbench.datasets.files import FileDataset
     from patchbench.models.hub import create_timm_model
@@ -184,8 +183,6 @@ def _batch(dataset: Any, idx: Tensor, adapter: Any) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def _accuracy(adapter: Any, dataset: Any, batch_size: int, dev: torch.device, autocast: str | None) -> float:
-    from patchbench.bench.runner import autocast as autocast_ctx
-
     correct = 0
     for idx in torch.arange(len(dataset)).split(batch_size):
         x, y = _batch(dataset, idx, adapter)
