@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                         "paper-imagenet, ours)")
     b.add_argument("--plugin", dest="plugins", action="append", **opt,
                    help="load a method plugin: path/to/file.py or module:object (repeatable)")
-    b.add_argument("--run", **opt, help=f"run name: results go to RESULTS_DIR/RUN (default: {d.run})")
+    b.add_argument("--run", "--run-name", dest="run", **opt,
+                   help=f"run name: results go to RESULTS_DIR/RUN (default: {d.run}); under torchrun "
+                        "write --run-name, as torchrun takes --run for its own --run-path")
     b.add_argument("--model", **opt,
                    help="embedded model (pb-vit-tiny, trained per dataset), any timm model name, or "
                         f"hf:<hub id or folder> for a Hugging Face ViT (default: {d.model})")
@@ -63,7 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, **opt,
                    help=f"images per attribution call (default: {d.batch_size})")
     b.add_argument("--chunk-size", type=int, **opt,
-                   help=f"(image, step) rows per forward pass (default: {d.chunk_size})")
+                   help=f"most (image, step) rows per forward pass (default: {d.chunk_size})")
+    b.add_argument("--memory-budget", **opt,
+                   help="working memory for the curves' forward passes, e.g. 512MiB or 4GB: the rows "
+                        "per pass are chosen to fit it (at most --chunk-size); scores do not change")
     b.add_argument("--device", **opt, help="auto, cpu, cuda or cuda:N (default: auto = cuda if present)")
     b.add_argument("--autocast", choices=["bf16", "fp16"], **opt,
                    help="mixed precision on GPU (default: off)")

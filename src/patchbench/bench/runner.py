@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -20,10 +21,12 @@ from tqdm.auto import tqdm
 from patchbench import __version__
 from patchbench.bench.chunks import ChunkStore, MissingChunkError
 from patchbench.bench.config import BenchConfig
+from patchbench.bench.distributed import World, close_world, init_world
 from patchbench.bench.results import plot_curves, render_markdown, summarise, wide_leaderboard, write_run
 from patchbench.datasets import DATASETS, create_dataset
 from patchbench.datasets.base import select_samples
 from patchbench.datasets.files import FileDataset
+from patchbench.memory import chunk_rows, parse_bytes
 from patchbench.methods import create_method, diffmask_train
 from patchbench.methods.diffmask import diffmask_meta
 from patchbench.methods.diffmask_train import DiffMaskConfig
@@ -51,12 +54,22 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     Files: ``scores.csv`` (one row per image per metric), ``curves.csv.gz`` (long form),
     ``leaderboard.md``/``.csv``, ``curves.png`` and ``run.json`` (config, seeds, models,
     timings, git commit, package versions). They are written together or not at all.
+
+    Under torchrun every rank scores its share of the images and rank 0 writes the merged
+    results, the same as a single process would (the other ranks return empty tables).
     """
     plugin_problems = _load_plugins(cfg)
     cfg.validate()
+    world, device_name = init_world(cfg.device)
+    out = _run(cfg, world, resolve_device(device_name), plugin_problems, progress and world.is_writer)
+    close_world(world)
+    return out
+
+
+def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: list[str],
+         progress: bool) -> dict[str, Any]:
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
     warnings: list[str] = []
 
     def warn(msg: str) -> None:  # reported even with --quiet, and kept in run.json
@@ -68,7 +81,8 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     failures: list[dict[str, str]] = []
     train_logs: dict[str, Path] = {}
     for dataset in cfg.datasets:
-        adapter, meta = _load_model(cfg, dataset, progress)
+        with world.local_rank0_first():  # one rank per node trains into the cache
+            adapter, meta = _load_model(cfg, dataset, progress)
         _check_token_needs(cfg, adapter)
         adapter.to(device)
         models[dataset] = meta
@@ -77,15 +91,23 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         if gt_pixels.any() and tuple(pixels.shape[-2:]) != adapter.img_size:
             raise ValueError(f"{dataset} images are {tuple(pixels.shape[-2:])}, the model takes "
                              f"{adapter.img_size}: ground-truth masks would not line up with patches")
-        images = adapter.prepare(pixels).to(device)
-        labels = labels.to(device)
-        with autocast(device, cfg.autocast):
-            logp_clean = log_probs(adapter, images, cfg.chunk_size)
-        pred = logp_clean.argmax(1)
-        meta["eval_accuracy"] = round((pred == labels).float().mean().item(), 4)
-        target = pred if cfg.target == "prediction" else labels
+        all_images = _to_device(adapter.prepare(pixels), device)
         truth = (adapter.pixel_to_patch(gt_pixels) if gt_pixels.any()
                  else torch.zeros(len(ids), *adapter.grid, dtype=torch.bool))
+        part = world.shard(len(ids))  # everything below is this rank's share of the images
+        images, labels, truth, ids = all_images[part], labels[part].to(device), truth[part], ids[part]
+        if not ids:
+            raise ValueError(f"{world.size} ranks for {len(sample_ids[dataset])} images of {dataset}: "
+                             "start fewer processes or evaluate more images")
+        chunk = (cfg.chunk_size if cfg.memory_budget is None
+                 else chunk_rows(adapter, images, parse_bytes(cfg.memory_budget), cfg.chunk_size))
+        meta["chunk_size"] = chunk
+        with autocast(device, cfg.autocast):
+            logp_clean = log_probs(adapter, images, chunk)
+        pred = logp_clean.argmax(1)
+        correct, seen = world.all_sum([(pred == labels).sum().item(), len(ids)])
+        meta["eval_accuracy"] = round(correct / seen, 4)
+        target = pred if cfg.target == "prediction" else labels
         model_key = meta["key"]
         base = {"model": model_key, "dataset": dataset}
         seeds = torch.tensor(ids)
@@ -98,20 +120,22 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                                      "give --train-data-root (e.g. ImageNet's train/ folder), or "
                                      "a trained explainer in method_options.diffmask.checkpoint")
                 dm_cfg = DiffMaskConfig(**{"seed": cfg.seed, **cfg.diffmask_config})
-                ckpt = diffmask_train.train_or_load(
-                    adapter, dataset, dm_cfg, progress=progress,
-                    data_root=cfg.train_data_root or cfg.data_root,
-                    dataset_options=cfg.dataset_options.get(dataset, {}))
+                with world.local_rank0_first():
+                    ckpt = diffmask_train.train_or_load(
+                        adapter, dataset, dm_cfg, progress=progress,
+                        data_root=cfg.train_data_root or cfg.data_root,
+                        dataset_options=cfg.dataset_options.get(dataset, {}))
                 method_options["diffmask"]["checkpoint"] = str(ckpt)
                 train_logs[f"diffmask_train_{dataset}.csv"] = Path(ckpt).with_suffix(".csv")
             meta["diffmask"] = {"checkpoint": str(ckpt), **diffmask_meta(ckpt)}
-        operators = {name: create_operator(name, **_operator_options(name, images, cfg,
+        # operator options that depend on the data (the mean colour) use every rank's images
+        operators = {name: create_operator(name, **_operator_options(name, all_images, cfg,
                                                                      method_options))
                      for name in cfg.operators}
+        del all_images
         meta["operators"] = {name: op.config() for name, op in operators.items()}
         with autocast(device, cfg.autocast):
-            references = {name: prepare_reference(adapter, op, images, seeds, cfg.chunk_size,
-                                                  logp_clean)
+            references = {name: prepare_reference(adapter, op, images, seeds, chunk, logp_clean)
                           for name, op in operators.items()}
         data_key = {"model": model_key, "dataset": dataset, "source": _data_source(cfg, dataset),
                     "sample_ids": stable_hash(ids, 24), "target": cfg.target,
@@ -121,7 +145,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             try:
                 rows, frames, ms = _score_method(
                     cfg, store, data_key, adapter, method_name, method_options.get(method_name, {}),
-                    images, target, truth, operators, references, base, ids, progress)
+                    images, target, truth, operators, references, base, ids, chunk, progress)
             except (MissingChunkError, KeyboardInterrupt):
                 raise
             except Exception as e:  # one method's failure must not cost the others' results
@@ -131,12 +155,15 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
                 continue
             scores += rows
             curves += frames
-            timing.append({"dataset": dataset, "method": method_name, "ms_per_image": ms})
-    scores_df = pd.DataFrame(scores, columns=SCORE_COLUMNS)
-    scores_df = scores_df.dropna(subset=["value"])  # AUROC is undefined for empty/full masks
-    curves_df = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
-    timing_df = pd.DataFrame(timing, columns=["dataset", "method", "ms_per_image"])
-    failures_df = pd.DataFrame(failures, columns=["dataset", "method", "error"])
+            timing.append({"dataset": dataset, "method": method_name, "ms_per_image": ms,
+                           "images": len(ids)})
+    parts = world.gather({"scores": scores, "curves": curves, "timing": timing, "failures": failures,
+                          "warnings": warnings, "chunks": [store.reused, store.computed]})
+    if not world.is_writer:
+        return {"markdown": "", "run_dir": Path(cfg.results_dir) / cfg.run, "failures": world.broadcast(None)}
+    scores_df, curves_df, timing_df, failures_df = _merge(parts, cfg, sample_ids)
+    failures = failures_df.to_dict("records")
+    world.broadcast(failures)
     summary = summarise(scores_df) if len(scores_df) else pd.DataFrame()
     board = wide_leaderboard(summary) if len(summary) else pd.DataFrame()
     markdown = render_markdown(summary, timing_df, failures_df)
@@ -147,12 +174,14 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
         "models": models,
         "sample_ids": sample_ids,
         "timing": {"total_seconds": round(time.perf_counter() - started, 1),
-                   "attribution_ms_per_image": timing},
+                   "attribution_ms_per_image": timing_df.to_dict("records")},
         "patchbench_version": __version__,
         "failures": failures,
-        "warnings": warnings,
+        "warnings": list(dict.fromkeys(w for p in parts for w in p["warnings"])),
         "plugin_problems": plugin_problems,
-        "chunks": {"root": str(store.root), "reused": store.reused, "computed": store.computed},
+        "chunks": {"root": str(store.root), "reused": sum(p["chunks"][0] for p in parts),
+                   "computed": sum(p["chunks"][1] for p in parts)},
+        "world": {"ranks": world.size, "device": str(device)},
         **provenance(),
     }
     run_dir = Path(cfg.results_dir) / cfg.run
@@ -172,10 +201,72 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
             "leaderboard": board, "run_dir": run_dir, "run": run, "failures": failures}
 
 
+def _merge(parts: list[dict[str, Any]], cfg: BenchConfig, sample_ids: dict[str, list[int]]
+           ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Every rank's rows as the tables one process would have written (the same order).
+
+    A method that failed on any rank is reported once and its rows from the other ranks are
+    dropped, so a table never shows a score over part of the images.
+    """
+    failures_df = pd.DataFrame([f for p in parts for f in p["failures"]],
+                               columns=["dataset", "method", "error"])
+    failures_df = failures_df.drop_duplicates(["dataset", "method"], ignore_index=True)
+    failed = set(zip(failures_df["dataset"], failures_df["method"]))
+
+    def ok(df: pd.DataFrame) -> pd.DataFrame:
+        if not failed or not len(df):
+            return df
+        keep = [(d, m) not in failed for d, m in zip(df["dataset"], df["method"])]
+        return df[keep]
+
+    scores_df = ok(pd.DataFrame([r for p in parts for r in p["scores"]], columns=SCORE_COLUMNS))
+    scores_df = _canonical(scores_df, cfg, sample_ids, ["metric"])
+    scores_df = scores_df.dropna(subset=["value"])  # AUROC is undefined for empty/full masks
+    frames = [f for p in parts for f in p["curves"]]
+    curves_df = (_canonical(ok(pd.concat(frames, ignore_index=True)), cfg, sample_ids,
+                            ["curve", "quantity"], "step") if frames else pd.DataFrame())
+    timing = ok(pd.DataFrame([t for p in parts for t in p["timing"]],
+                             columns=["dataset", "method", "ms_per_image", "images"]))
+    timing["ms"] = timing["ms_per_image"] * timing["images"]
+    timing_df = timing.groupby(["dataset", "method"], sort=False, as_index=False)[["ms", "images"]].sum()
+    timing_df["ms_per_image"] = timing_df["ms"] / timing_df["images"]
+    return scores_df, curves_df, timing_df[["dataset", "method", "ms_per_image"]], failures_df
+
+
+def _canonical(df: pd.DataFrame, cfg: BenchConfig, sample_ids: dict[str, list[int]],
+               inner: list[str], last: str | None = None) -> pd.DataFrame:
+    """Rows sorted by dataset, method and operator as configured, then ``inner`` columns in
+    order of first appearance, then sample position, then ``last``: one process's order."""
+    if not len(df):
+        return df
+    keys = {"dataset": df["dataset"].map({d: i for i, d in enumerate(cfg.datasets)}),
+            "method": df["method"].map({m: i for i, m in enumerate(cfg.methods)}),
+            "operator": df["operator"].map({o: i for i, o in enumerate(["-", *cfg.operators])})}
+    for col in inner:
+        keys[col] = df[col].map({v: i for i, v in enumerate(pd.unique(df[col]))})
+    position = pd.Series(0, index=df.index)
+    for d, ids in sample_ids.items():
+        rows = df["dataset"] == d
+        position[rows] = df.loc[rows, "sample_id"].map({s: i for i, s in enumerate(ids)})
+    keys["sample"] = position
+    if last:
+        keys[last] = df[last]
+    order = np.lexsort([k.to_numpy() for k in reversed(keys.values())])
+    return df.iloc[order].reset_index(drop=True)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copies to the GPU from pinned memory (asynchronously); a no-op on the CPU."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _score_method(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any], adapter: Any,
                   name: str, options: dict[str, Any], images: Tensor, target: Tensor, truth: Tensor,
                   operators: dict[str, Any], references: dict[str, Any], base: dict[str, str],
-                  ids: list[int], progress: bool) -> tuple[list[dict[str, Any]], list[pd.DataFrame], float]:
+                  ids: list[int], chunk: int, progress: bool
+                  ) -> tuple[list[dict[str, Any]], list[pd.DataFrame], float]:
     """One method on one dataset: maps, then curves under every operator, each a stored chunk."""
     method = create_method(name, adapter, **options)
     device = images.device
@@ -202,7 +293,7 @@ def _score_method(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any],
         def score(op: Any = op, op_name: str = op_name) -> dict[str, Tensor]:
             with autocast(device, cfg.autocast):
                 c = faithfulness_curves(adapter, op, images, target, maps, references[op_name],
-                                        cfg.steps, cfg.chunk_size, progress=progress)
+                                        cfg.steps, chunk, progress=progress)
             return {"x": c.x, **{f"prob_{k}": v for k, v in c.prob.items()},
                     **{f"kl_{k}": v for k, v in c.kl.items()}}
 

@@ -71,7 +71,7 @@ def log_probs(adapter: ViTAdapter, images: Tensor, chunk_size: int = 256) -> Ten
     return torch.cat([adapter.logits(x).float().log_softmax(-1) for x in images.split(chunk_size)])
 
 
-@torch.no_grad()
+@torch.inference_mode()  # its outputs only ever feed the curves, never autograd
 def prepare_reference(adapter: ViTAdapter, operator: RemovalOperator, images: Tensor,
                       seeds: Tensor, chunk_size: int = 256,
                       logp_clean: Tensor | None = None) -> Reference:
@@ -98,7 +98,7 @@ def prepare_reference(adapter: ViTAdapter, operator: RemovalOperator, images: Te
     return Reference(logp_clean, torch.cat(empty), state)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def faithfulness_curves(adapter: ViTAdapter, operator: RemovalOperator, images: Tensor,
                         target: Tensor, maps: Tensor, reference: Reference,
                         steps: int | None = None, chunk_size: int = 256,
