@@ -9,7 +9,7 @@ CONFIG ?= default
 RUN ?=
 ARGS ?=
 
-.PHONY: install bench test regress regress-update lint clean
+.PHONY: install bench speed test regress regress-update lint clean
 
 install: $(VENV)/.synced
 
@@ -23,6 +23,10 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 
 bench: install
 	$(VENV)/bin/patchbench bench --config $(CONFIG) $(if $(RUN),--run $(RUN)) $(ARGS)
+
+# the harness against the forward-pass bound, a naive loop and Quantus: results/speed/speed.md
+speed: install
+	$(VENV)/bin/patchbench speed $(ARGS)
 
 test: install
 	$(VENV)/bin/ruff check src tests

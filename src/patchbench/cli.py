@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, **opt,
                    help=f"images per attribution call (default: {d.batch_size})")
     b.add_argument("--chunk-size", type=int, **opt,
-                   help=f"most (image, step) rows per forward pass (default: {d.chunk_size})")
+                   help="most (image, step) rows per forward pass (default: 64 on CPU, 1024 on GPU)")
     b.add_argument("--memory-budget", **opt,
                    help="working memory for the curves' forward passes, e.g. 512MiB or 4GB: the rows "
                         "per pass are chosen to fit it (at most --chunk-size); scores do not change")
@@ -124,6 +124,36 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--reference-dir", default="results/reference", help="(default: %(default)s)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    from patchbench.bench.speed import SpeedConfig
+
+    sp = SpeedConfig()
+    s = sub.add_parser("speed", help="measure the harness against the forward-pass bound, a naive loop "
+                                     "and Quantus; write results/speed/speed.md",
+                       description="Times the same deletion curve computed by patchbench, by the bare "
+                                   "model's forward passes at their best batch size (the bound), by a "
+                                   "naive loop and by Quantus, checking each curve against patchbench's; "
+                                   "then every operator, every method's attribution, and peak memory.")
+    s.add_argument("--model", default=sp.model, help="(default: %(default)s)")
+    s.add_argument("--pretrained", action="store_true", help="load timm's weights (hub access)")
+    s.add_argument("--dataset", default=sp.dataset, help="(default: %(default)s)")
+    s.add_argument("--data-root", default=None, help="dataset folder, for datasets on disk")
+    s.add_argument("--n-images", type=int, default=sp.n_images, help="(default: %(default)s)")
+    s.add_argument("--steps", type=int, default=0,
+                   help="steps per curve, 0 = one per patch, as Quantus steps (default: 0)")
+    s.add_argument("--methods", type=_csv, default=sp.methods, help="methods to time (default: all six)")
+    s.add_argument("--operators", type=_csv, default=sp.operators, help="(default: mean,blur,drop)")
+    s.add_argument("--batch-size", type=int, default=sp.batch_size, help="images per attribution call")
+    s.add_argument("--chunk-size", type=int, default=sp.chunk_size, help="most rows per forward pass")
+    s.add_argument("--memory-budget", default=None, help="choose the rows per pass from this, e.g. 1GiB")
+    s.add_argument("--slow-images", type=int, default=None,
+                   help="images for the naive loop and Quantus (default: all; fewer for big models)")
+    s.add_argument("--no-quantus", dest="quantus", action="store_false", help="skip Quantus")
+    s.add_argument("--repeats", type=int, default=sp.repeats, help="timed repeats (median)")
+    s.add_argument("--device", default=sp.device, help="auto, cpu, cuda or cuda:N")
+    s.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="mixed precision on GPU")
+    s.add_argument("--out", default=sp.out, help="(default: %(default)s)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars or table")
+
     ls = sub.add_parser("list", help="list registered methods, datasets, operators or models",
                         description="List registered names, optionally filtered by a wildcard.")
     ls.add_argument("kind", choices=["methods", "datasets", "operators", "models"])
@@ -157,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train_diffmask(args)
         if args.command == "regress":
             return _regress(args)
+        if args.command == "speed":
+            return _speed(args)
         return _bench(args)
     except (UnknownNameError, ValueError, FileNotFoundError, MissingChunkError) as e:  # NotAViTError too
         print(f"patchbench: error: {e}", file=sys.stderr)
@@ -185,6 +217,19 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(seed=args.seed, epochs=args.epochs or 1, train_size=args.train_size)
     adapter, meta = load_model(args.model, args.dataset, cfg, progress=not args.quiet)
     print(json.dumps({**meta, "checkpoint": str(checkpoint_path(adapter.key))}, indent=2))
+    return 0
+
+
+def _speed(args: argparse.Namespace) -> int:
+    from patchbench.bench.speed import SpeedConfig, run_speed
+
+    names = {f.name for f in fields(SpeedConfig)}
+    cfg = SpeedConfig(**{k: v for k, v in vars(args).items() if k in names})
+    cfg.steps = cfg.steps or None
+    out = run_speed(cfg, progress=not args.quiet, pretrained=args.pretrained, data_root=args.data_root)
+    if not args.quiet:
+        print(out["markdown"])
+    print(f"wrote {out['out']}/speed.md, speed.csv and speed.json")
     return 0
 
 

@@ -28,7 +28,7 @@ class BenchConfig:
     seed: int = 0
     target: str = "prediction"
     batch_size: int = 50
-    chunk_size: int = 256  # most (image, step) rows per forward pass
+    chunk_size: int | None = None  # most (image, step) rows per forward pass (None: 64 on CPU, 1024 on GPU)
     memory_budget: str | None = None  # e.g. "2GiB": rows per forward pass chosen to fit it
     results_dir: str = "results"
     plugins: tuple[str, ...] = ()  # method plugins: path/to/file.py or module:object
@@ -64,7 +64,7 @@ class BenchConfig:
             raise ValueError(f"n_images must be at least 2, got {self.n_images}")
         if self.overwrite not in ("never", "missing", "always"):
             raise ValueError(f"overwrite must be never, missing or always, got {self.overwrite!r}")
-        if self.chunk_size < 1:
+        if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {self.chunk_size}")
         if self.memory_budget is not None:
             from patchbench.memory import parse_bytes

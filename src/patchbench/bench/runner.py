@@ -26,7 +26,7 @@ from patchbench.bench.results import plot_curves, render_markdown, summarise, wi
 from patchbench.datasets import DATASETS, create_dataset
 from patchbench.datasets.base import select_samples
 from patchbench.datasets.files import FileDataset
-from patchbench.memory import chunk_rows, parse_bytes
+from patchbench.memory import choose_chunk, parse_bytes
 from patchbench.methods import create_method, diffmask_train
 from patchbench.methods.diffmask import diffmask_meta
 from patchbench.methods.diffmask_train import DiffMaskConfig
@@ -99,8 +99,8 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
         if not ids:
             raise ValueError(f"{world.size} ranks for {len(sample_ids[dataset])} images of {dataset}: "
                              "start fewer processes or evaluate more images")
-        chunk = (cfg.chunk_size if cfg.memory_budget is None
-                 else chunk_rows(adapter, images, parse_bytes(cfg.memory_budget), cfg.chunk_size))
+        budget = parse_bytes(cfg.memory_budget) if cfg.memory_budget else None
+        chunk = choose_chunk(adapter, images, budget, cfg.chunk_size)
         meta["chunk_size"] = chunk
         with autocast(device, cfg.autocast):
             logp_clean = log_probs(adapter, images, chunk)

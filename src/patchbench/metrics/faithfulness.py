@@ -58,10 +58,11 @@ class Curves:
     def scores(self) -> dict[str, Tensor]:
         """Per-image AUCs (trapezoid over ``x`` in [0, 1]) and SRG, each ``[B]``."""
         out = {}
-        for curve in CURVES:
+        for curve in self.prob:
             out[f"{curve}_prob_auc"] = auc(self.x, self.prob[curve])
             out[f"{curve}_kl_auc"] = auc(self.x, self.kl[curve])
-        out["srg"] = out["lerf_prob_auc"] - out["deletion_prob_auc"]
+        if "lerf" in self.prob and "deletion" in self.prob:
+            out["srg"] = out["lerf_prob_auc"] - out["deletion_prob_auc"]
         return out
 
 
@@ -102,7 +103,7 @@ def prepare_reference(adapter: ViTAdapter, operator: RemovalOperator, images: Te
 def faithfulness_curves(adapter: ViTAdapter, operator: RemovalOperator, images: Tensor,
                         target: Tensor, maps: Tensor, reference: Reference,
                         steps: int | None = None, chunk_size: int = 256,
-                        progress: bool = False) -> Curves:
+                        progress: bool = False, curves: tuple[str, ...] = CURVES) -> Curves:
     """Deletion, insertion and LeRF curves of target probability and KL for every image.
 
     Args:
@@ -115,21 +116,26 @@ def faithfulness_curves(adapter: ViTAdapter, operator: RemovalOperator, images: 
         steps: Number of steps (``None``: one per patch); see :func:`step_counts`.
         chunk_size: (image, step) rows per forward pass.
         progress: Show a progress bar.
+        curves: Which curves to compute (LeRF costs nothing once insertion is computed).
 
     Returns:
         :class:`Curves` with ``S + 1`` points per image and curve.
     """
+    unknown = set(curves) - set(CURVES)
+    if unknown:
+        raise ValueError(f"unknown curves {sorted(unknown)}; valid curves: {', '.join(CURVES)}")
+    runs = [c for c in ("deletion", "insertion") if c in curves or (c == "insertion" and "lerf" in curves)]
     b, p = images.shape[0], adapter.num_patches
     counts = step_counts(p, steps)
     rank = patch_ranking(maps.to(images.device))
     interior = counts[1:-1]
     # rows: curve-major, then step, then image, so a chunk holds few distinct kept counts
     # (the 'drop' operator runs one sequence length at a time)
-    jobs = [(curve, j) for curve in ("deletion", "insertion") for j in range(len(interior))]
+    jobs = [(curve, j) for curve in runs for j in range(len(interior))]
     n_rows = len(jobs) * b
     logp = torch.empty(n_rows, reference.logp_clean.shape[1], device=images.device)
     row_img = torch.arange(b, device=images.device).repeat(len(jobs))
-    masks = {c: keep_masks(rank, interior, c) for c in ("deletion", "insertion")}
+    masks = {c: keep_masks(rank, interior, c) for c in runs}
     row_keep = torch.cat([masks[c][:, j] for c, j in jobs])  # [n_rows, P]
     bar = tqdm(total=n_rows, desc=f"curves ({operator.name})", disable=not progress, leave=False)
     for rows in torch.arange(n_rows, device=images.device).split(chunk_size):
@@ -138,15 +144,15 @@ def faithfulness_curves(adapter: ViTAdapter, operator: RemovalOperator, images: 
         logp[rows] = operator(adapter, images[img], row_keep[rows], state).float().log_softmax(-1)
         bar.update(len(rows))
     bar.close()
-    logp = logp.view(len(jobs), b, -1)
+    logp = logp.view(len(runs), len(interior), b, -1)
     clean, empty = reference.logp_clean, reference.logp_empty
-    steps_logp = {
-        "deletion": torch.stack([clean, *logp[: len(interior)], empty], 1),
-        "insertion": torch.stack([empty, *logp[len(interior):], clean], 1),
-    }
-    # LeRF removes from the back of the same ranking: removing c patches keeps the top
-    # P - c, i.e. the insertion point at P - c; the symmetric grid makes that c[S - j]
-    steps_logp["lerf"] = steps_logp["insertion"].flip(1)
+    ends = {"deletion": (clean, empty), "insertion": (empty, clean)}
+    steps_logp = {c: torch.stack([ends[c][0], *logp[i], ends[c][1]], 1) for i, c in enumerate(runs)}
+    if "lerf" in curves:
+        # LeRF removes from the back of the same ranking: removing c patches keeps the top
+        # P - c, i.e. the insertion point at P - c; the symmetric grid makes that c[S - j]
+        steps_logp["lerf"] = steps_logp["insertion"].flip(1)
+    steps_logp = {c: steps_logp[c] for c in CURVES if c in curves}
     x = counts.float() / p
     prob, kl = {}, {}
     idx = target.to(images.device).view(-1, 1, 1)

@@ -1,0 +1,478 @@
+"""``patchbench speed``: what the harness costs, measured side by side.
+
+One model, one set of images, one set of maps. Every way of computing the same curve is run
+on them and timed: the bare model's forward passes at its best batch size (the bound no
+harness can beat), patchbench's harness, a naive loop (one image, one step at a time, as
+most peers do), and Quantus's ``RegionPerturbation`` and ``PixelFlipping``. Each slow run's
+curve is checked against patchbench's, so "the same work" is verified, not assumed. Then
+the cost of every operator, of every method's attribution, and the memory used.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from patchbench.bench.config import DEFAULT_METHODS, BenchConfig
+from patchbench.bench.results import write_run
+from patchbench.memory import choose_chunk, format_bytes, parse_bytes, peak_rss, reset_peak_rss, row_bytes
+from patchbench.metrics import faithfulness_curves, log_probs, prepare_reference
+from patchbench.metrics.functional import keep_masks, patch_ranking, step_counts
+from patchbench.models import create_operator
+from patchbench.utils import autocast, provenance, resolve_device, seed_everything, sync, write_json
+
+GOAL_BOUND_RATIO = 1.2
+GOAL_SPEEDUP = 20.0
+
+
+@dataclass
+class SpeedConfig:
+    """What ``patchbench speed`` measures on (defaults: the default benchmark's model)."""
+
+    model: str = "pb-vit-tiny"
+    dataset: str = "glyphs"
+    n_images: int = 64
+    steps: int | None = None  # one patch per step: the granularity Quantus works at
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    operators: tuple[str, ...] = ("mean", "blur", "drop")
+    batch_size: int = 32  # images per attribution call
+    chunk_size: int | None = None  # as in `bench`: 64 rows on CPU, 1024 on GPU
+    memory_budget: str | None = None
+    slow_images: int | None = None  # images for the naive loop and Quantus (default: all)
+    quantus: bool = True
+    repeats: int = 3
+    device: str = "auto"
+    autocast: str | None = None
+    seed: int = 0
+    out: str = "results/speed"
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 1, warmup: bool = False
+          ) -> tuple[float, Any]:
+    """Median wall time of ``repeats`` calls (after one untimed call if ``warmup``), and the result."""
+    if warmup:
+        fn()
+    times, out = [], None
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+@torch.inference_mode()
+def bare_forwards(adapter: Any, images: Tensor, rows: int, batch: int, device: torch.device,
+                  amp: str | None) -> None:
+    """``rows`` forward passes of the bare model on clean images, ``batch`` at a time."""
+    x = images.repeat(batch // len(images) + 1, 1, 1, 1)[:batch]
+    with autocast(device, amp):
+        for start in range(0, rows, batch):
+            adapter.logits(x[: min(batch, rows - start)])
+
+
+@torch.inference_mode()
+def forward_rate(adapter: Any, images: Tensor, batch: int, device: torch.device, amp: str | None,
+                 min_seconds: float = 0.5) -> float:
+    """Rows per second of the bare model (``adapter.logits``) at one batch size."""
+    x = images.repeat(batch // len(images) + 1, 1, 1, 1)[:batch]
+    with autocast(device, amp):
+        adapter.logits(x)  # warm-up: allocator, kernels, caches
+        sync(device)
+        rows, t0 = 0, time.perf_counter()
+        while rows < 2 * batch or time.perf_counter() - t0 < min_seconds:
+            adapter.logits(x)
+            rows += batch
+        sync(device)
+    return rows / (time.perf_counter() - t0)
+
+
+def best_forward_rate(adapter: Any, images: Tensor, device: torch.device, amp: str | None,
+                      largest: int) -> tuple[int, float, dict[int, float]]:
+    """The bound: the bare model's best throughput over batch sizes 1, 2, 4, ... ``largest``."""
+    rates: dict[int, float] = {}
+    batch = 1
+    while batch <= largest:
+        try:
+            rates[batch] = forward_rate(adapter, images, batch, device, amp)
+        except torch.OutOfMemoryError:
+            break
+        batch *= 2
+    best = max(rates, key=rates.get)
+    return best, rates[best], rates
+
+
+@torch.inference_mode()
+def naive_deletion(adapter: Any, operator: Any, images: Tensor, target: Tensor, maps: Tensor,
+                   state: Tensor | None, steps: int | None) -> Tensor:
+    """The deletion curve the way most tools compute it: one image and one step per forward pass.
+
+    Returns:
+        ``[B, S + 1]`` probabilities of the target (the clean point included).
+    """
+    counts = step_counts(adapter.num_patches, steps)
+    out = torch.empty(len(images), len(counts))
+    for i in range(len(images)):
+        keep = keep_masks(patch_ranking(maps[i : i + 1]), counts, "deletion")[0]
+        for j in range(len(counts)):
+            s = None if state is None else state[i : i + 1]
+            logits = operator(adapter, images[i : i + 1], keep[j : j + 1], s)
+            out[i, j] = logits.float().softmax(-1)[0, target[i]].item()
+    return out
+
+
+def quantus_deletion(kind: str, adapter: Any, images: Tensor, target: Tensor, maps: Tensor,
+                     baseline: float, device: torch.device, batch_size: int) -> tuple[Tensor, str]:
+    """The deletion curve computed by Quantus, at patch level.
+
+    ``RegionPerturbation`` removes one patch-sized region per step (it reports the drop from
+    the clean probability, turned back into probabilities here). ``PixelFlipping`` counts
+    every channel of every pixel as a feature, and its step must divide H x W; at the patch
+    area per step it takes C steps per patch, so every C-th point is a whole-patch point.
+
+    Returns:
+        ``[B, P]`` probabilities after 1 .. P patches are removed, and what Quantus ran.
+    """
+    import numpy as np
+    import quantus
+
+    ph, pw = adapter.patch_size
+    a = torch.nn.functional.interpolate(maps[:, None].float().cpu(), scale_factor=(ph, pw),
+                                        mode="nearest").numpy()
+    x = images.float().cpu().numpy()
+    y = target.cpu().numpy()
+    common = dict(abs=False, normalise=False, perturb_baseline=baseline, disable_warnings=True)
+    model = adapter.model.eval()
+    dev = "cuda" if device.type == "cuda" else "cpu"
+    if kind == "RegionPerturbation":
+        if ph != pw:
+            raise ValueError(f"RegionPerturbation takes square regions; patches are {ph}x{pw}")
+        metric = quantus.RegionPerturbation(patch_size=ph, regions_evaluation=adapter.num_patches,
+                                            order="morf", **common)
+        drop = np.asarray(metric(model=model, x_batch=x, y_batch=y, a_batch=a, device=dev,
+                                 batch_size=batch_size))
+        with torch.inference_mode():
+            clean = adapter.logits(images).float().softmax(-1).gather(1, target.view(-1, 1)).cpu()
+        return clean - torch.from_numpy(drop).float(), (
+            f"RegionPerturbation(patch_size={ph}, regions_evaluation={adapter.num_patches}, order='morf', "
+            f"perturb_baseline={baseline}), batch_size={batch_size}")
+    channels = images.shape[1]
+    metric = quantus.PixelFlipping(features_in_step=ph * pw, **common)
+    prob = np.asarray(metric(model=model, x_batch=x, y_batch=y, a_batch=a, device=dev,
+                             batch_size=batch_size))
+    return torch.from_numpy(prob[:, channels - 1 :: channels]).float(), (
+        f"PixelFlipping(features_in_step={ph * pw}, perturb_baseline={baseline}), batch_size={batch_size}: "
+        f"{prob.shape[1]} steps per image, {channels} per patch")
+
+
+def _attribution_ms(name: str, adapter: Any, images: Tensor, target: Tensor, batch_size: int,
+                    device: torch.device, amp: str | None, tmp: Path) -> float:
+    from patchbench.methods import create_method
+
+    options: dict[str, Any] = {}
+    if name == "diffmask":  # its cost does not depend on the gate weights: an untrained explainer
+        from patchbench.methods.diffmask import DiffMaskExplainer
+        from patchbench.methods.diffmask_train import DiffMaskConfig, save_explainer
+
+        path = tmp / "explainer.pt"
+        save_explainer(path, DiffMaskExplainer(adapter.embed_dim, adapter.depth + 2), adapter,
+                       "speed", DiffMaskConfig(), {})
+        options["checkpoint"] = path
+    if name == "random":
+        options["seed"] = 0
+    method = create_method(name, adapter, **options)
+
+    def run() -> None:
+        with autocast(device, amp):
+            for x, t in zip(images.split(batch_size), target.split(batch_size)):
+                method.attribute(x, t)
+
+    with autocast(device, amp):
+        method.attribute(images[:2], target[:2])  # warm-up
+    seconds, _ = timed(run, device)
+    return 1000 * seconds / len(images)
+
+
+def run_speed(cfg: SpeedConfig, progress: bool = True, pretrained: bool = False,
+              data_root: str | None = None) -> dict[str, Any]:
+    """Runs every measurement and writes ``speed.md``, ``speed.csv`` and ``speed.json`` to ``cfg.out``.
+
+    Args:
+        cfg: What to measure.
+        progress: Show progress bars.
+        pretrained: Load timm's weights for a timm model (the default is random weights: speed
+            does not depend on them).
+        data_root: Folder of a dataset on disk.
+
+    Returns:
+        ``{"markdown", "rows" (tidy DataFrame), "out"}``.
+    """
+    from patchbench.bench.runner import _load_model, _load_samples
+
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    bench_cfg = BenchConfig(model=cfg.model, datasets=(cfg.dataset,), n_images=cfg.n_images, seed=cfg.seed,
+                            methods=cfg.methods, operators=cfg.operators, device=cfg.device,
+                            pretrained=pretrained, data_root=data_root)
+    bench_cfg.validate()
+    adapter, meta = _load_model(bench_cfg, cfg.dataset, progress)
+    adapter.to(device)
+    pixels, _, _, ids = _load_samples(bench_cfg, cfg.dataset)
+    images = adapter.prepare(pixels).to(device)
+    amp = cfg.autocast
+    with autocast(device, amp):
+        target = log_probs(adapter, images).argmax(1)
+    n, p = len(images), adapter.num_patches
+    counts = step_counts(p, cfg.steps)
+    interior = len(counts) - 2
+    maps = torch.rand(n, *adapter.grid, generator=torch.Generator().manual_seed(cfg.seed))
+    maps = maps.to(device)
+    per_row = row_bytes(adapter, images)
+    budget = parse_bytes(cfg.memory_budget) if cfg.memory_budget else None
+    chunk = choose_chunk(adapter, images, budget, cfg.chunk_size)
+    slow = min(cfg.slow_images or n, n)
+    rows: list[dict[str, Any]] = []
+
+    def record(table: str, item: str, **values: Any) -> None:
+        rows.append({"table": table, "item": item, **values})
+
+    steps_bar = tqdm(total=6, desc="speed", disable=not progress)
+
+    # 1. the same work: the deletion curve of p(target), with a constant baseline Quantus can use
+    constant = create_operator("mean", colour=(0.0,) * images.shape[1])
+    ref = prepare_reference(adapter, constant, images, torch.tensor(ids), chunk)
+    best_batch, _, rates = best_forward_rate(adapter, images, device, amp, max(1024, chunk))
+    steps_bar.update()
+    deletion_rows = n * interior
+
+    def harness(op: Any = constant, reference: Any = ref, curves: tuple[str, ...] = ("deletion",)) -> Any:
+        with autocast(device, amp):
+            return faithfulness_curves(adapter, op, images, target, maps, reference, cfg.steps, chunk,
+                                       curves=curves)
+
+    # the bound and the harness alternate, so drifting machine speed touches both alike
+    harness()
+    t_bound, t_harness = [], []
+    for _ in range(cfg.repeats):
+        t_bound.append(timed(lambda: bare_forwards(adapter, images, deletion_rows, best_batch, device, amp),
+                             device)[0])
+        seconds, ours = timed(harness, device)
+        t_harness.append(seconds)
+    bound, t_harness = statistics.median(t_bound), statistics.median(t_harness)
+    bound_per_row = bound / deletion_rows
+    ours_prob = ours.prob["deletion"].cpu()
+    work = dict(rows=deletion_rows, images=n)
+    record("same_work", "forward bound", seconds=bound, **work,
+           note=f"bare model at its best batch size ({best_batch})")
+    record("same_work", "patchbench", seconds=t_harness, **work, max_abs_diff=0.0,
+           note=f"faithfulness_curves, {chunk} rows per pass")
+    steps_bar.update()
+    sub = slice(0, slow)
+    state = None if ref.state is None else ref.state[sub]
+    t_naive, naive = timed(lambda: naive_deletion(adapter, constant, images[sub], target[sub], maps[sub],
+                                                  state, cfg.steps), device)
+    record("same_work", "naive loop", seconds=t_naive, rows=slow * interior, images=slow,
+           max_abs_diff=float((naive[:, 1:-1] - ours_prob[sub, 1:-1]).abs().max()),
+           note="one image and one step per forward pass")
+    steps_bar.update()
+    quantus_version = _version("quantus") if cfg.quantus else None
+    if cfg.quantus and not quantus_version:
+        record("same_work", "Quantus", note="not installed: pip install 'patchbench[bench]'")
+    if quantus_version and cfg.steps is None:
+        for kind in ("RegionPerturbation", "PixelFlipping"):
+            if kind == "PixelFlipping" and (images.shape[-1] * images.shape[-2]) % p:
+                continue
+            t_q, (curve, what) = timed(lambda kind=kind: quantus_deletion(
+                kind, adapter, images[sub], target[sub], maps[sub], 0.0, device, 64), device)
+            q_rows = slow * p * (images.shape[1] if kind == "PixelFlipping" else 1)
+            record("same_work", f"Quantus {quantus_version} {kind}", seconds=t_q, rows=q_rows, images=slow,
+                   max_abs_diff=float((curve - ours_prob[sub, 1:]).abs().max()), note=what)
+    elif quantus_version:
+        record("same_work", "Quantus", note="skipped: Quantus steps one patch at a time; run with --steps 0")
+    steps_bar.update()
+
+    # 2. every curve, under each operator (drop shortens the sequence)
+    reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for name in cfg.operators:
+        if name == "drop" and not adapter.is_vit:
+            continue
+        op = create_operator(name, **({"seed": cfg.seed} if name == "noise" else {}))
+        reference = prepare_reference(adapter, op, images, torch.tensor(ids), chunk)
+        t_all, _ = timed(lambda op=op, reference=reference: harness(op, reference, ("deletion", "insertion",
+                                                                                    "lerf")),
+                         device, cfg.repeats, warmup=True)
+        all_rows = 2 * n * interior
+        record("operators", name, seconds=t_all, rows=all_rows, images=n,
+               bound_seconds=all_rows * bound_per_row)
+    rss = peak_rss()
+    gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    steps_bar.update()
+
+    # 3. attribution, per method
+    from patchbench.methods import METHODS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in cfg.methods:
+            if METHODS.get(name).needs_tokens and not adapter.is_vit:
+                continue
+            ms = _attribution_ms(name, adapter, images, target, cfg.batch_size, device, amp, Path(tmp))
+            record("attribution", name, ms_per_image=ms, images=n)
+    steps_bar.update()
+    steps_bar.close()
+
+    record("memory", "chunk", rows=chunk, bytes_per_row=per_row,
+           budget=parse_bytes(cfg.memory_budget) if cfg.memory_budget else None,
+           peak_rss=rss, peak_gpu=gpu_peak)
+    for batch, rate in rates.items():
+        record("forward_rate", str(batch), rows_per_second=rate)
+    df = pd.DataFrame(rows)
+    context = _context(cfg, adapter, meta, device, images, counts, chunk)
+    markdown = render_speed(df, context)
+    out = Path(cfg.out)
+    write_run(out, {
+        "speed.md": lambda f: f.write_text(markdown),
+        "speed.csv": lambda f: df.to_csv(f, index=False),
+        "speed.json": lambda f: write_json(f, context),
+    })
+    return {"markdown": markdown, "rows": df, "out": out, "context": context}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _context(cfg: SpeedConfig, adapter: Any, meta: dict[str, Any], device: torch.device, images: Tensor,
+             counts: Tensor, chunk: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    prov = provenance()
+    return {
+        **prov,
+        "config": asdict(cfg),
+        "model": meta.get("key", cfg.model),
+        "input": list(images.shape[1:]),
+        "patches": adapter.num_patches,
+        "grid": list(adapter.grid),
+        "points_per_curve": len(counts),
+        "chunk_rows": chunk,
+        "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "python": platform.python_version(), "platform": platform.platform()},
+        "packages": {k: v for k, v in {**prov["packages"], "quantus": _version("quantus")}.items() if v},
+    }
+
+
+def render_speed(df: pd.DataFrame, ctx: dict[str, Any]) -> str:
+    """The Markdown report, rendered from the tidy rows."""
+    m = ctx["machine"]
+    lines = [
+        "# patchbench speed",
+        "",
+        f"Model `{ctx['model']}`, input {'x'.join(map(str, ctx['input']))}, {ctx['patches']} patches "
+        f"({ctx['grid'][0]}x{ctx['grid'][1]}); {ctx['points_per_curve']} points per curve. "
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, device {m['device']}. "
+        f"Packages: " + ", ".join(f"{k} {v}" for k, v in ctx["packages"].items() if v) + ".",
+        "",
+    ]
+    same = df[df["table"] == "same_work"].set_index("item")
+    if "patchbench" in same.index:
+        ours = same.loc["patchbench"]
+        ours_per_image = ours["seconds"] / ours["images"]
+        bound = same.loc["forward bound"]
+        lines += [
+            "## The same work",
+            "",
+            "Every row computes the deletion curve of p(target) for the same images and maps, removing one "
+            "more whole patch per step with a constant baseline (0 in the model's input space), and every "
+            "curve is checked against patchbench's (last column). Forward rows count the model's forward "
+            "passes: the clean and the all-removed points are shared with every method in a benchmark, "
+            "so they are not counted for patchbench; Quantus evaluates the last point itself.",
+            "",
+            "| run | images | forward rows | time (s) | ms per image | × forward bound | patchbench speed-up "
+            "| max abs diff of the curve |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for item, r in same.iterrows():
+            if pd.isna(r.get("seconds")):
+                lines.append(f"| {item} | | | | | | | {r['note']} |")
+                continue
+            per_image = r["seconds"] / r["images"]
+            ratio = per_image / (bound["seconds"] / bound["images"])
+            speedup = "" if item in ("forward bound", "patchbench") else f"{per_image / ours_per_image:.1f}×"
+            diff = "" if pd.isna(r.get("max_abs_diff")) else f"{r['max_abs_diff']:.1e}"
+            lines.append(f"| {item} | {int(r['images'])} | {int(r['rows'])} | {r['seconds']:.2f} | "
+                         f"{1000 * per_image:.1f} | {ratio:.2f} | {speedup} | {diff} |")
+        ratio = ours["seconds"] / bound["seconds"]
+        lines += ["", f"patchbench / forward bound: **{ratio:.2f}** (goal ≤ {GOAL_BOUND_RATIO}: "
+                      f"{'met' if ratio <= GOAL_BOUND_RATIO else 'not met'})."]
+        quantus = [(item, r) for item, r in same.iterrows()
+                   if item.startswith("Quantus") and not pd.isna(r.get("seconds"))]
+        for item, r in quantus:
+            speedup = (r["seconds"] / r["images"]) / ours_per_image
+            lines.append(f"Speed-up over {item}: **{speedup:.1f}×** (goal ≥ {GOAL_SPEEDUP:.0f}×: "
+                         f"{'met' if speedup >= GOAL_SPEEDUP else 'not met'}).")
+        notes = [f"- {item}: {r['note']}" for item, r in same.iterrows() if isinstance(r["note"], str)]
+        lines += ["", *notes]
+        lines.append("")
+    ops = df[df["table"] == "operators"]
+    if len(ops):
+        pixel = ops[ops["item"] != "drop"]
+        ref = pixel.iloc[0] if len(pixel) else ops.iloc[0]
+        lines += ["## Every curve, by operator", "",
+                  "Deletion, insertion and LeRF (LeRF reuses insertion's passes), probability and KL.", "",
+                  "| operator | forward rows | time (s) | ms per image | × forward bound "
+                  f"| × {ref['item']} |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for _, r in ops.iterrows():
+            lines.append(f"| {r['item']} | {int(r['rows'])} | {r['seconds']:.2f} | "
+                         f"{1000 * r['seconds'] / r['images']:.1f} | "
+                         f"{r['seconds'] / r['bound_seconds']:.2f} | {r['seconds'] / ref['seconds']:.2f} |")
+        lines += ["", "`drop` leaves removed tokens out of the sequence, so its rows are shorter than a full "
+                      "forward pass; the bound counts full-length passes.", ""]
+    att = df[df["table"] == "attribution"]
+    if len(att):
+        lines += ["## Attribution, per method", "", "| method | ms per image |", "|---|---:|"]
+        lines += [f"| {r['item']} | {r['ms_per_image']:.2f} |" for _, r in att.iterrows()]
+        lines.append("")
+    mem = df[df["table"] == "memory"]
+    if len(mem):
+        r = mem.iloc[0]
+        budget = "none (the chunk size cap)" if pd.isna(r.get("budget")) else format_bytes(r["budget"])
+        gpu = "" if pd.isna(r.get("peak_gpu")) else f"; peak GPU memory {format_bytes(r['peak_gpu'])}"
+        lines += ["## Memory", "",
+                  f"Memory budget: {budget}; estimated {format_bytes(r['bytes_per_row'])} per row; "
+                  f"{int(r['rows'])} rows per forward pass. Peak resident memory of the process while "
+                  f"scoring every curve: {format_bytes(r['peak_rss'])}{gpu}.", ""]
+    rates = df[df["table"] == "forward_rate"]
+    if len(rates):
+        lines += ["## The bare model's throughput", "", "| batch | rows per second |", "|---:|---:|"]
+        lines += [f"| {r['item']} | {r['rows_per_second']:.0f} |" for _, r in rates.iterrows()]
+        lines.append("")
+    lines.append(f"patchbench {ctx['packages'].get('patchbench')}, commit {ctx.get('git_commit')}"
+                 f"{' (with uncommitted changes)' if ctx.get('git_dirty') else ''}.")
+    return "\n".join(lines) + "\n"
