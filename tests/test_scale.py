@@ -24,8 +24,8 @@ SMALL = dict(model="pb-vit-tiny", datasets=("glyphs",), methods=("random", "roll
 
 # ---- memory budget -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1.5GiB", 3 * 2**29),
-                                            ("100", 100), ("64 kib", 65536)])
+@pytest.mark.parametrize("text, expected", [("512MiB", 512 * 2**20), ("2GB", 2 * 10**9),
+                                            ("1.5GiB", 3 * 2**29), ("100", 100), ("64 kib", 65536)])
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 

@@ -462,7 +462,7 @@ def render_speed(df: pd.DataFrame, ctx: dict[str, Any]) -> str:
     mem = df[df["table"] == "memory"]
     if len(mem):
         r = mem.iloc[0]
-        budget = "none (the chunk size cap)" if pd.isna(r.get("budget")) else format_bytes(r["budget"])
+        budget = "none (the device default)" if pd.isna(r.get("budget")) else format_bytes(r["budget"])
         gpu = "" if pd.isna(r.get("peak_gpu")) else f"; peak GPU memory {format_bytes(r['peak_gpu'])}"
         lines += ["## Memory", "",
                   f"Memory budget: {budget}; estimated {format_bytes(r['bytes_per_row'])} per row; "
