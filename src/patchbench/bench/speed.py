@@ -278,8 +278,8 @@ def run_speed(cfg: SpeedConfig, progress: bool = True, pretrained: bool = False,
     work = dict(rows=deletion_rows, images=n)
     record("same_work", "forward bound", seconds=bound, **work,
            note=f"bare model at its best batch size ({best_batch})")
-    record("same_work", "patchbench", seconds=t_harness, **work, max_abs_diff=0.0,
-           note=f"faithfulness_curves, {chunk} rows per pass")
+    record("same_work", "patchbench", seconds=t_harness, **work,
+           note=f"faithfulness_curves, {chunk} rows per pass; the curve the others are compared with")
     steps_bar.update()
     sub = slice(0, slow)
     state = None if ref.state is None else ref.state[sub]
