@@ -31,8 +31,10 @@ def test_batch_result_equals_one_at_a_time(adapter, name, make_method):
     assert torch.allclose(batch, alone, atol=1e-5, rtol=1e-4), (batch - alone).abs().max()
     reordered = method.attribute(images.flip(0), target.flip(0)).flip(0)
     assert torch.allclose(batch, reordered, atol=1e-5, rtol=1e-4)
-    # not a constant map: every method must discriminate between patches on some image
-    assert batch.flatten(1).std(1).max() > 0
+    # not a constant map: every method must discriminate between patches on some image,
+    # except the control whose point is to be constant
+    if name != "constant":
+        assert batch.flatten(1).std(1).max() > 0
 
 
 def test_random_is_seeded_per_image(tiny):
@@ -163,3 +165,20 @@ def test_bad_inputs_are_refused(tiny):
 def test_config_records_options(tiny):
     assert create_method("rollout", tiny, discard_ratio=0.9).config() == {
         "name": "rollout", "head_fusion": "mean", "discard_ratio": 0.9}
+
+
+def test_centre_prior_ranks_the_middle_first(tiny):
+    from patchbench.metrics.functional import patch_ranking
+
+    maps = create_method("centre", tiny).attribute(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
+    rank = patch_ranking(maps)[0].view(4, 4)
+    assert set(rank[1:3, 1:3].flatten().tolist()) == {0, 1, 2, 3}  # the four central patches first
+    assert set(rank[[0, 0, 3, 3], [0, 3, 0, 3]].tolist()) == {12, 13, 14, 15}  # corners last
+    assert torch.equal(maps[0], maps[1])
+
+
+def test_constant_control_is_a_raster_scan(tiny):
+    from patchbench.metrics.functional import patch_ranking
+
+    maps = create_method("constant", tiny).attribute(torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 2]))
+    assert torch.equal(patch_ranking(maps), torch.arange(16).expand(3, 16))

@@ -306,13 +306,13 @@ def test_plugin_file_registering_its_method(tmp_path):
 
 
 def test_plugin_module_and_module_object(tmp_path, monkeypatch):
-    write(tmp_path / "pb_test_bare.py", BARE.format(cls="Constant"))
+    write(tmp_path / "pb_test_bare.py", BARE.format(cls="Ones"))
     write(tmp_path / "pb_test_decorated.py", DECORATED.format(name="decorated", doc="Zeros."))
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert plugins.load_plugin("pb_test_bare:Constant") == []
-    cls = METHODS.get("constant")  # no name of its own: the class name
-    assert cls.__name__ == "Constant" and cls.name == "constant"
-    assert plugins.load_plugin("pb_test_bare:Constant") == []
+    assert plugins.load_plugin("pb_test_bare:Ones") == []
+    cls = METHODS.get("ones")  # no name of its own: the class name
+    assert cls.__name__ == "Ones" and cls.name == "ones"
+    assert plugins.load_plugin("pb_test_bare:Ones") == []
     assert plugins.load_plugin("pb_test_decorated") == []
     assert METHODS.get("decorated").__doc__ == "Zeros."
 
