@@ -14,8 +14,9 @@ from patchbench.models.removal import hash_seed
 
 @register_method("random")
 class RandomMethod(Method):
-    """Uniform random maps, seeded by (seed, image content): the same image gets the same map
-    in any batch.
+    """Uniform random maps, seeded per image: the same image gets the same map in any batch.
+
+    The seed mixes ``seed`` with a hash of the image's content.
 
     Args:
         seed: Seed mixed with each image's content hash.
@@ -38,8 +39,10 @@ class RandomMethod(Method):
 
 @register_method("centre")
 class CentreMethod(Method):
-    """A centre prior: relevance falls with the distance of the patch centre from the image
-    centre. What a method must beat on data whose objects sit in the middle.
+    """A centre prior: patches nearer the image centre rank higher.
+
+    Relevance is minus the distance of the patch centre from the image centre: what a method
+    must beat on data whose objects sit in the middle.
     """
 
     name = "centre"
@@ -55,8 +58,9 @@ class CentreMethod(Method):
 
 @register_method("constant")
 class ConstantMethod(Method):
-    """Every patch equally relevant: the harness's tie-break (patch index, row-major) alone
-    sets the order, i.e. a raster scan from the top-left patch.
+    """Every patch equally relevant: the order is the tie-break, a raster scan.
+
+    The harness breaks ties by patch index (row-major), so patches go from the top-left one.
     """
 
     name = "constant"
