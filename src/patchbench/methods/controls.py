@@ -66,4 +66,4 @@ class ConstantMethod(Method):
     name = "constant"
 
     def _attribute(self, images: Tensor, target: Tensor) -> Tensor:
-        return torch.zeros(images.shape[0], *self.adapter.grid, device=images.device)
+        return torch.ones(images.shape[0], *self.adapter.grid, device=images.device)
