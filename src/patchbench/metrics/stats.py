@@ -1,0 +1,75 @@
+"""Statistics that say when a difference between methods is real (pure functions over arrays).
+
+Not wired into the leaderboard yet (issue 7): bootstrap intervals per cell, a paired test
+between a method and the best one over the same images, scores normalised between the
+``random`` control and the best achievable, and rank agreement between two operators.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+
+def bootstrap_ci(values: np.ndarray, level: float = 0.95, n_boot: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean.
+
+    Args:
+        values: Per-image scores ``[n]``.
+        level: Coverage of the interval.
+        n_boot: Resamples (with replacement, ``n`` each).
+        seed: Seed of the resampling, so a table is reproducible.
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` for fewer than two values.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def paired_test(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value for scores of two methods on the same images.
+
+    Args:
+        a: Scores ``[n]`` of one method.
+        b: Scores ``[n]`` of the other, image for image.
+
+    Returns:
+        The p-value; 1.0 when the two agree on every image (no evidence of a difference).
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"a paired test needs scores on the same images: got {a.shape} and {b.shape}")
+    if not np.any(a != b):
+        return 1.0
+    return float(stats.wilcoxon(a, b, zero_method="wilcox").pvalue)
+
+
+def normalise(score: float, random: float, best: float) -> float:
+    """``score`` on a scale where the ``random`` control is 0 and the best achievable is 1."""
+    if best == random:
+        return float("nan")
+    return (score - random) / (best - random)
+
+
+def rank_agreement(a: dict[str, float], b: dict[str, float]) -> float:
+    """Kendall's tau between two rankings of the same methods (e.g. under two operators).
+
+    Args:
+        a: Method -> score under one operator.
+        b: Method -> score under another (the same methods).
+
+    Returns:
+        Tau in [-1, 1]: 1 when both order the methods alike, -1 when reversed.
+    """
+    if set(a) != set(b):
+        raise ValueError(f"the rankings cover different methods: {sorted(set(a) ^ set(b))}")
+    names = sorted(a)
+    return float(stats.kendalltau([a[n] for n in names], [b[n] for n in names]).statistic)
