@@ -179,3 +179,43 @@ def test_ground_truth_map_beats_random_on_glyphs(glyphs_model, op_name):
     assert gt["deletion_prob_auc"].mean() < rnd["deletion_prob_auc"].mean() - 0.2
     assert gt["insertion_prob_auc"].mean() > rnd["insertion_prob_auc"].mean() + 0.1
     assert gt["deletion_kl_auc"].mean() > rnd["deletion_kl_auc"].mean()
+
+
+def test_pointing_game_and_relevance_mass_against_plain_loops():
+    from patchbench.metrics.functional import pointing_game, relevance_mass
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(6, 3, 3, generator=g)
+    maps[1] = 0.5  # constant: the first patch is the top one, and there is no mass to share
+    maps[2, 0, 1] = maps[2].max() + 1
+    maps[2, 2, 2] = maps[2, 0, 1]  # a tie for the top: the lower patch index wins
+    truth = torch.rand(6, 3, 3, generator=g) > 0.5
+    truth[3] = False  # empty mask: undefined
+    truth[2] = False
+    truth[2, 0, 1] = True
+    hits, mass = pointing_game(maps, truth), relevance_mass(maps, truth)
+    for i in range(6):
+        m, t = maps[i].flatten().tolist(), truth[i].flatten().tolist()
+        if not any(t):
+            assert hits[i].isnan() and mass[i].isnan()
+            continue
+        top = max(range(9), key=lambda j: (m[j], -j))  # highest value, then lowest index
+        assert hits[i] == float(t[top])
+        shifted = [v - min(m) for v in m]
+        if sum(shifted) == 0:
+            assert mass[i].isnan()
+        else:
+            expected = sum(v for v, inside in zip(shifted, t) if inside) / sum(shifted)
+            assert mass[i].item() == pytest.approx(expected, abs=1e-6)
+    assert hits[2] == 1.0  # the tie went to patch 1, which is the ground truth
+
+
+def test_ground_truth_as_its_own_map_scores_perfectly():
+    from patchbench.metrics.functional import pointing_game, relevance_mass
+
+    truth = torch.zeros(2, 4, 4, dtype=torch.bool)
+    truth[0, 1:3, 1:3] = True
+    truth[1, 0, :] = True
+    assert torch.equal(pointing_game(truth.float(), truth), torch.ones(2))
+    assert torch.equal(relevance_mass(truth.float(), truth), torch.ones(2))
+    assert torch.equal(relevance_mass((~truth).float(), truth), torch.zeros(2))

@@ -102,3 +102,44 @@ def patch_auroc(maps: Tensor, truth: Tensor) -> Tensor:
     pairs = (t.unsqueeze(2) & ~t.unsqueeze(1)).float()
     n_pairs = pairs.sum((1, 2))
     return (wins * pairs).sum((1, 2)) / n_pairs.where(n_pairs > 0, torch.nan)
+
+
+def pointing_game(maps: Tensor, truth: Tensor) -> Tensor:
+    """Per-image hit: is the most relevant patch inside the ground truth?
+
+    The most relevant patch is the first in :func:`patch_ranking`'s order (ties go to the
+    lower patch index), the same patch the deletion curve removes first.
+
+    Args:
+        maps: ``[B, P]`` or ``[B, Hp, Wp]`` relevance.
+        truth: Same shape, bool.
+
+    Returns:
+        ``[B]`` float, 1.0 for a hit and 0.0 for a miss; NaN where the mask is empty.
+    """
+    t = truth.flatten(1).bool()
+    top = patch_ranking(maps).argmin(1)
+    hit = t.gather(1, top.view(-1, 1)).squeeze(1).float()
+    return hit.where(t.any(1), torch.nan)
+
+
+def relevance_mass(maps: Tensor, truth: Tensor) -> Tensor:
+    """Per-image share of the relevance that falls inside the ground truth.
+
+    Maps are shifted so each image's least relevant patch has 0: the harness uses only a
+    map's order, so its offset (e.g. DiffMask's log-probabilities, all negative) must not
+    decide the score.
+
+    Args:
+        maps: ``[B, P]`` or ``[B, Hp, Wp]`` relevance.
+        truth: Same shape, bool.
+
+    Returns:
+        ``[B]`` float in [0, 1]; NaN where the mask is empty or the map is constant.
+    """
+    s = maps.flatten(1).float()
+    s = s - s.min(1, keepdim=True).values
+    t = truth.flatten(1).bool()
+    total = s.sum(1)
+    share = (s * t).sum(1) / total.where(total > 0, torch.nan)
+    return share.where(t.any(1), torch.nan)
