@@ -75,11 +75,16 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 1, warmup:
     return statistics.median(times), out
 
 
+def _batch(images: Tensor, batch: int) -> Tensor:
+    """``batch`` clean images, the set repeated as often as needed."""
+    return images.repeat(batch // len(images) + 1, 1, 1, 1)[:batch]
+
+
 @torch.inference_mode()
 def bare_forwards(adapter: Any, images: Tensor, rows: int, batch: int, device: torch.device,
                   amp: str | None) -> None:
     """``rows`` forward passes of the bare model on clean images, ``batch`` at a time."""
-    x = images.repeat(batch // len(images) + 1, 1, 1, 1)[:batch]
+    x = _batch(images, batch)
     with autocast(device, amp):
         for start in range(0, rows, batch):
             adapter.logits(x[: min(batch, rows - start)])
@@ -89,7 +94,7 @@ def bare_forwards(adapter: Any, images: Tensor, rows: int, batch: int, device: t
 def forward_rate(adapter: Any, images: Tensor, batch: int, device: torch.device, amp: str | None,
                  min_seconds: float = 0.5) -> float:
     """Rows per second of the bare model (``adapter.logits``) at one batch size."""
-    x = images.repeat(batch // len(images) + 1, 1, 1, 1)[:batch]
+    x = _batch(images, batch)
     with autocast(device, amp):
         adapter.logits(x)  # warm-up: allocator, kernels, caches
         sync(device)
@@ -192,8 +197,6 @@ def _attribution_ms(name: str, adapter: Any, images: Tensor, target: Tensor, bat
         save_explainer(path, DiffMaskExplainer(adapter.embed_dim, adapter.depth + 2), adapter,
                        "speed", DiffMaskConfig(), {})
         options["checkpoint"] = path
-    if name == "random":
-        options["seed"] = 0
     method = create_method(name, adapter, **options)
 
     def run() -> None:
