@@ -3,7 +3,13 @@
 Importing this package registers the built-in methods.
 """
 
-from patchbench.methods import attention, controls, diffmask, gradients  # noqa: F401  (registration)
+from patchbench.methods import (  # noqa: F401  (registration)
+    attention,
+    controls,
+    diffmask,
+    gradients,
+    perturbation,
+)
 from patchbench.methods.base import (
     METHODS,
     Method,

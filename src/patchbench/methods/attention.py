@@ -1,4 +1,5 @@
-"""Attention-based methods: raw last-layer attention and attention rollout."""
+"""Attention-based methods: raw last-layer attention, attention rollout and Chefer et al.'s
+gradient-weighted rollout."""
 
 from __future__ import annotations
 
@@ -94,3 +95,42 @@ class AttentionRollout(Method):
             a = a / a.sum(-1, keepdim=True)
             rollout = a @ rollout
         return _patch_relevance(self.adapter, rollout)
+
+
+@register_method("chefer")
+class CheferRelevance(Method):
+    """Gradient-weighted attention rollout (Chefer, Gur & Wolf, 2021).
+
+    Every block's post-softmax attention ``A`` is weighted by the gradient of the target
+    logit with respect to it: ``Ā = mean over heads of ReLU(∇A ⊙ A)``. Starting from the
+    identity, ``R = R + Ā·R`` block by block; the class token's row of ``R`` over the patch
+    tokens is the map (the mean patch row for models without a class token). Unlike plain
+    rollout it depends on the target class, and attention whose change would not raise the
+    target logit adds nothing. The method has no options.
+    """
+
+    name = "chefer"
+    uses_gradients = True
+    needs_tokens = True
+
+    def _attribute(self, images: Tensor, target: Tensor) -> Tensor:
+        # inputs that require grad keep the attention in the graph even if the model's
+        # parameters are frozen
+        images = images.detach().requires_grad_(True)
+        with self.adapter.record_attention() as records:
+            logits = self.adapter.logits(images)
+        attns = list(records)
+        if len(attns) != len(self.adapter.blocks):
+            raise RuntimeError(f"chefer: recorded {len(attns)} attention maps for "
+                               f"{len(self.adapter.blocks)} blocks")
+        # the images of the batch are independent, so the gradient of the summed logits gives
+        # each image's own gradients in one backward pass; autograd.grad (not backward) leaves
+        # no .grad on the parameters
+        selected = logits.gather(1, target.view(-1, 1)).sum()
+        grads = torch.autograd.grad(selected, attns)
+        b, _, n, _ = attns[0].shape
+        relevance = torch.eye(n, device=images.device, dtype=attns[0].dtype).expand(b, n, n)
+        for attn, grad in zip(attns, grads):
+            weighted = (grad * attn).clamp(min=0).mean(1).detach()
+            relevance = relevance + weighted @ relevance
+        return _patch_relevance(self.adapter, relevance)

@@ -1,6 +1,8 @@
-"""Gradient methods: Grad-CAM (pytorch-grad-cam) and integrated gradients (captum)."""
+"""Gradient methods: Grad-CAM (pytorch-grad-cam), integrated gradients (captum) and SmoothGrad."""
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import torch
@@ -9,6 +11,7 @@ from torch import Tensor
 
 from patchbench.methods.base import Method, register_method
 from patchbench.models.adapter import ImageAdapter
+from patchbench.models.removal import hash_seed
 
 
 @register_method("gradcam")
@@ -104,3 +107,83 @@ class IntegratedGradientsMethod(Method):
         pooled = F.avg_pool2d(attr, (ph, pw)) * (ph * pw)
         self.adapter.model.zero_grad(set_to_none=True)
         return pooled.squeeze(1).detach()
+
+
+def _content_seed(image: Tensor, seed: int) -> int:
+    """A seed from ``seed`` and the image's bytes: the same image gets it in any batch."""
+    digest = hashlib.sha256(image.detach().float().cpu().numpy().tobytes()).digest()
+    return hash_seed(seed, int.from_bytes(digest[:7], "little"))
+
+
+@register_method("smoothgrad")
+class SmoothGradMethod(Method):
+    """SmoothGrad (Smilkov et al., 2017): input gradients averaged over noisy copies, per patch.
+
+    The gradient of the target logit is taken at ``n_samples`` copies of the image with
+    Gaussian noise of std ``noise`` × (max − min of the image) added in model-input space,
+    times the noisy copy itself if ``times_input`` (SmoothGrad applied to gradient × input).
+    The mean over copies is summed over channels, made absolute if ``absolute``, and summed
+    per patch, as integrated gradients' maps are.
+
+    The noise of copy ``s`` of an image is seeded from ``seed``, ``s`` and a hash of the
+    image's content (as the ``random`` control is), so an image gets the same noise in any
+    batch, at any position and in any chunk. captum's ``NoiseTunnel`` is not used for that
+    reason: it draws the noise of a whole batch from the global generator.
+
+    Args:
+        adapter: The model (any image classifier).
+        n_samples: Noisy copies per image.
+        noise: Noise std as a fraction of the image's value range (max − min), >= 0.
+        absolute: Pool |value| (what SmoothGrad visualises) instead of the signed value.
+        times_input: Multiply each copy's gradient by that copy (gradient × input).
+        seed: Mixed into every copy's noise seed.
+        batch_size: Noisy copies per forward/backward pass.
+    """
+
+    name = "smoothgrad"
+    uses_gradients = True
+
+    def __init__(self, adapter: ImageAdapter, n_samples: int = 16, noise: float = 0.15,
+                 absolute: bool = True, times_input: bool = False, seed: int = 0,
+                 batch_size: int = 256) -> None:
+        super().__init__(adapter)
+        for option, value in (("n_samples", n_samples), ("batch_size", batch_size)):
+            # bool is an int subclass: n_samples=True would silently mean 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{option} must be an integer >= 1, got {value!r}")
+        if not noise >= 0:  # also refuses NaN
+            raise ValueError(f"noise must be >= 0, got {noise}")
+        self.n_samples = n_samples
+        self.noise = noise
+        self.absolute = absolute
+        self.times_input = times_input
+        self.seed = seed
+        self.batch_size = batch_size
+
+    def _draw(self, image_seed: int, sample: int, like: Tensor) -> Tensor:
+        # one generator per copy: the draw cannot depend on how copies are split into chunks;
+        # drawn on the CPU so a seed gives the same noise on any device
+        g = torch.Generator().manual_seed(hash_seed(image_seed, sample))
+        return torch.randn(like.shape, generator=g).to(like)
+
+    def _attribute(self, images: Tensor, target: Tensor) -> Tensor:
+        b, n = images.shape[0], self.n_samples
+        seeds = [_content_seed(image, self.seed) for image in images]
+        std = self.noise * (images.amax((1, 2, 3)) - images.amin((1, 2, 3)))  # [B]
+        total = torch.zeros(b, 1, *images.shape[2:], device=images.device, dtype=images.dtype)
+        for start in range(0, b * n, self.batch_size):
+            flat = range(start, min(start + self.batch_size, b * n))
+            owner = torch.tensor([k // n for k in flat], device=images.device)
+            draws = torch.stack([self._draw(seeds[k // n], k % n, images[0]) for k in flat])
+            noisy = (images[owner] + std[owner].view(-1, 1, 1, 1) * draws).detach().requires_grad_(True)
+            logits = self.adapter.logits(noisy)
+            # copies are independent, so the gradient of the summed logits is each copy's own
+            # gradient; autograd.grad leaves no .grad on the parameters
+            (grad,) = torch.autograd.grad(logits.gather(1, target[owner].view(-1, 1)).sum(), noisy)
+            sensitivity = grad * noisy.detach() if self.times_input else grad
+            total.index_add_(0, owner, sensitivity.sum(1, keepdim=True))
+        attr = total / n
+        if self.absolute:
+            attr = attr.abs()
+        ph, pw = self.adapter.patch_size
+        return (F.avg_pool2d(attr, (ph, pw)) * (ph * pw)).squeeze(1)
