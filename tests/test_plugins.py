@@ -22,10 +22,10 @@ from patchbench.methods import METHODS, Method, MethodOutputError, create_method
 from patchbench.methods.controls import RandomMethod
 from patchbench.testing import ContractError, check_method, tiny_adapter
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "smoothgrad" / "patchbench_smoothgrad.py"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "vargrad" / "patchbench_vargrad.py"
 # the built-in methods: registered by importing patchbench.methods, before any plugin is loaded
 BUILTINS = METHODS.list()
-PLUGIN_MODULES = ("patchbench_plugin_", "patchbench_smoothgrad", "pb_test_")  # what these tests import
+PLUGIN_MODULES = ("patchbench_plugin_", "patchbench_vargrad", "pb_test_")  # what these tests import
 
 
 def _plugin_globals() -> dict:
@@ -76,8 +76,8 @@ def fake_install(root: Path, name: str, entry_points: str) -> None:
     write(info / "entry_points.txt", "[patchbench.methods]\n" + textwrap.dedent(entry_points))
 
 
-def install_smoothgrad(root: Path) -> None:
-    fake_install(root, "patchbench-smoothgrad", "smoothgrad = patchbench_smoothgrad:SmoothGrad\n")
+def install_vargrad(root: Path) -> None:
+    fake_install(root, "patchbench-vargrad", "vargrad = patchbench_vargrad:VarGrad\n")
     shutil.copy(EXAMPLE, root / EXAMPLE.name)
 
 
@@ -85,39 +85,39 @@ def install_smoothgrad(root: Path) -> None:
 
 
 def test_installed_plugin_is_listed_and_created_by_name(tmp_path, monkeypatch):
-    install_smoothgrad(tmp_path)
+    install_vargrad(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert "smoothgrad" not in METHODS
+    assert "vargrad" not in METHODS
     assert plugins.load_entry_points(force=True) == []
-    assert "smoothgrad" in list_methods()
-    cls = METHODS.get("smoothgrad")
-    assert cls.__name__ == "SmoothGrad" and cls.__module__ == "patchbench_smoothgrad"
+    assert "vargrad" in list_methods()
+    cls = METHODS.get("vargrad")
+    assert cls.__name__ == "VarGrad" and cls.__module__ == "patchbench_vargrad"
     adapter = tiny_adapter()
-    method = create_method("smoothgrad", adapter, n_samples=2)
+    method = create_method("vargrad", adapter, n_samples=2)
     maps = method.attribute(torch.zeros(2, 3, *adapter.img_size), torch.tensor([0, 1]))
     assert maps.shape == (2, *adapter.grid)
-    assert method.config() == {"name": "smoothgrad", "n_samples": 2, "noise": 0.15, "seed": 0}
+    assert method.config() == {"name": "vargrad", "n_samples": 2, "noise": 0.15, "seed": 0}
 
 
 def test_installed_plugin_in_the_command_line_list(tmp_path):
-    install_smoothgrad(tmp_path)
+    install_vargrad(tmp_path)
     path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, "-m", "patchbench", "list", "methods"], capture_output=True,
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": path})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert any(line.startswith("smoothgrad ") for line in lines), out.stdout
-    assert "Mean |gradient|" in next(line for line in lines if line.startswith("smoothgrad"))
+    assert any(line.startswith("vargrad ") for line in lines), out.stdout
+    assert "Variance of the target" in next(line for line in lines if line.startswith("vargrad"))
     assert all(any(line.startswith(f"{n} ") for line in lines) for n in BUILTINS)
     assert "warning" not in out.stderr
 
 
 def test_entry_points_are_loaded_once_unless_forced(tmp_path, monkeypatch):
     plugins.load_entry_points()  # whatever is installed for real: now loaded
-    install_smoothgrad(tmp_path)
+    install_vargrad(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert plugins.load_entry_points() == [] and "smoothgrad" not in METHODS
-    assert plugins.load_entry_points(force=True) == [] and "smoothgrad" in METHODS
+    assert plugins.load_entry_points() == [] and "vargrad" not in METHODS
+    assert plugins.load_entry_points(force=True) == [] and "vargrad" in METHODS
     assert plugins.load_entry_points(force=True) == []  # the same class again: no conflict
 
 
@@ -128,10 +128,10 @@ def test_entry_points_are_loaded_once_unless_forced(tmp_path, monkeypatch):
 def example_class():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_pb_test_smoothgrad", EXAMPLE)
+    spec = importlib.util.spec_from_file_location("_pb_test_vargrad", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # not in sys.modules: nothing to clean up
-    return module.SmoothGrad
+    return module.VarGrad
 
 
 def test_example_plugin_passes_the_contract_kit(example_class, one_thread):
@@ -287,10 +287,10 @@ BARE = textwrap.dedent("""
 
 def test_plugin_file_defining_a_method_class():
     assert plugins.load_plugin(str(EXAMPLE)) == []
-    cls = METHODS.get("smoothgrad")
-    assert cls.__name__ == "SmoothGrad" and cls.__module__.startswith("patchbench_plugin_patchbench_smooth")
-    assert "smoothgrad" in list_methods()
-    assert plugins.load_plugin(str(EXAMPLE)) == [] and METHODS.get("smoothgrad") is cls  # once only
+    cls = METHODS.get("vargrad")
+    assert cls.__name__ == "VarGrad" and cls.__module__.startswith("patchbench_plugin_patchbench_vargrad")
+    assert "vargrad" in list_methods()
+    assert plugins.load_plugin(str(EXAMPLE)) == [] and METHODS.get("vargrad") is cls  # once only
 
 
 def test_plugin_file_registering_its_method(tmp_path):
@@ -432,25 +432,25 @@ def test_list_with_a_bad_plugin_warns_and_lists(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert f"patchbench: warning: plugin {broken} failed to load: ImportError: needs foo" in err
     names = [line.split()[0] for line in out.splitlines()]
-    assert names == sorted([*BUILTINS, "smoothgrad"])
+    assert names == sorted([*BUILTINS, "vargrad"])
 
 
 def test_bench_with_a_plugin(tmp_path, capsys, glyphs_model, one_thread):
     broken = write(tmp_path / "broken_plugin.py", "raise ImportError('needs foo')\n")
     results = tmp_path / "results"
     code = main(["bench", "--plugin", str(EXAMPLE), "--plugin", str(broken), "--datasets", "glyphs",
-                 "--methods", "smoothgrad,random", "--operators", "mean", "--n-images", "6", "--steps", "2",
+                 "--methods", "vargrad,random", "--operators", "mean", "--n-images", "6", "--steps", "2",
                  "--results-dir", str(results), "--run", "p", "--quiet"])
     err = capsys.readouterr().err
     assert code == 0, err
     assert err.count(f"patchbench: warning: plugin {broken} failed to load") == 1
     scores = pd.read_csv(results / "p" / "scores.csv")
-    assert set(scores.method) == {"smoothgrad", "random"}
-    assert (scores[scores.method == "smoothgrad"].groupby(["operator", "metric"]).size() == 6).all()
+    assert set(scores.method) == {"vargrad", "random"}
+    assert (scores[scores.method == "vargrad"].groupby(["operator", "metric"]).size() == 6).all()
     run = json.loads((results / "p" / "run.json").read_text())
     assert run["config"]["plugins"] == [str(EXAMPLE), str(broken)]
     assert any(str(broken) in p for p in run["plugin_problems"])
-    assert not any("smoothgrad" in p for p in run["plugin_problems"])
+    assert not any("vargrad" in p for p in run["plugin_problems"])
     assert run["failures"] == []
 
 
@@ -488,19 +488,21 @@ def test_runner_loads_config_plugins_and_recomputes_when_the_plugin_changes(
 
     a = run("a")
     assert a["failures"] == []
-    assert a["run"]["chunks"]["reused"] == 0 and a["run"]["chunks"]["computed"] == 4
+    # 2 methods x (maps + curves), the ground-truth mask's curves, the sanity check
+    assert a["run"]["chunks"]["reused"] == 0 and a["run"]["chunks"]["computed"] == 4 + 1 + 1
     problems = a["run"]["plugin_problems"]
     assert any(p.startswith(f"plugin {broken} failed to load") for p in problems)
     assert not any(str(path) in p for p in problems)
     assert "edited" not in METHODS
 
     b = run("b")  # nothing changed: all reused
-    assert b["run"]["chunks"]["reused"] == 4 and b["run"]["chunks"]["computed"] == 0
+    assert b["run"]["chunks"]["reused"] == 6 and b["run"]["chunks"]["computed"] == 0
     pd.testing.assert_series_equal(srg(a, "edited"), srg(b, "edited"))
 
     write(path, EDITED.format(sign="-"))  # the plugin's code changes: its results are recomputed
     c = run("c")
-    assert c["run"]["chunks"]["reused"] == 2 and c["run"]["chunks"]["computed"] == 2
+    # the plugin's maps, curves and the sanity check (keyed by every method's code) again
+    assert c["run"]["chunks"]["reused"] == 3 and c["run"]["chunks"]["computed"] == 3
     pd.testing.assert_series_equal(srg(a, "random"), srg(c, "random"))
     assert (srg(a, "edited") - srg(c, "edited")).abs().max() > 1e-3  # reversed maps, new scores
 
@@ -510,20 +512,20 @@ def test_bench_with_plugins_from_a_config_file_and_the_command_line(tmp_path, ca
     config = write(tmp_path / "run.toml", f"""\
         plugins = ["{EXAMPLE}"]
         datasets = ["glyphs"]
-        methods = ["smooth*", "random"]
+        methods = ["varg*", "random"]
         operators = ["mean"]
         n_images = 4
         steps = 2
     """)
     mine = write(tmp_path / "mine.py", DECORATED.format(name="mine", doc="Zeros."))
     results = tmp_path / "results"
-    code = main(["bench", "--config", str(config), "--plugin", str(mine), "--methods", "smooth*,mine",
+    code = main(["bench", "--config", str(config), "--plugin", str(mine), "--methods", "varg*,mine",
                  "--results-dir", str(results), "--run", "c", "--quiet"])
     assert code == 0, capsys.readouterr().err
     run = json.loads((results / "c" / "run.json").read_text())
     assert run["config"]["plugins"] == [str(EXAMPLE), str(mine)]
-    assert run["config"]["methods"] == ["smoothgrad", "mine"]
-    assert set(pd.read_csv(results / "c" / "scores.csv").method) == {"smoothgrad", "mine"}
+    assert run["config"]["methods"] == ["vargrad", "mine"]
+    assert set(pd.read_csv(results / "c" / "scores.csv").method) == {"vargrad", "mine"}
 
 
 def test_run_reports_only_its_own_plugin_problems(tmp_path, glyphs_model, one_thread):

@@ -3,7 +3,7 @@
 ::
 
     from patchbench.testing import check_method
-    check_method("smoothgrad")                     # on a small random ViT
+    check_method("vargrad")                     # on a small random ViT
     check_method(MyMethod, adapter, n_samples=8)   # a class, your model, its options
 
 Checks: maps are ``[B, Hp, Wp]``, finite floats; an image's map does not depend on the rest

@@ -8,7 +8,7 @@ reported by name with what is wrong; the other plugins and the run go on.
 Entry points, in a plugin package's ``pyproject.toml``::
 
     [project.entry-points."patchbench.methods"]
-    smoothgrad = "patchbench_smoothgrad:SmoothGrad"
+    vargrad = "patchbench_vargrad:VarGrad"
 """
 
 from __future__ import annotations
