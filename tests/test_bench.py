@@ -30,15 +30,16 @@ def test_run_writes_all_files(two_runs):
     root, a, b = two_runs
     names = {p.name for p in (root / "a").iterdir()}
     assert names == {"scores.csv", "curves.csv.gz", "leaderboard.csv", "leaderboard.md",
-                     "curves.png", "run.json"}
+                     "curves.png", "run.json", "report.html", "metric_check.csv", "sanity.csv",
+                     "rank_stability.csv"}
     # no staging left; only the stored result chunks
     assert [p.name for p in root.iterdir() if p.name.startswith(".")] == [".chunks"]
     assert b["run"]["chunks"]["reused"] == 0 and b["run"]["chunks"]["computed"] > 0
     scores = pd.read_csv(root / "a" / "scores.csv")
     assert list(scores.columns) == ["model", "dataset", "method", "operator", "metric",
                                     "sample_id", "value"]
-    # one row per image per metric: 3 methods x (7 scores x 2 operators + AUROC)
-    assert len(scores) == 12 * 3 * (7 * 2 + 1)
+    # one row per image per metric: 3 methods x (7 scores x 2 operators + 3 localisation scores)
+    assert len(scores) == 12 * 3 * (7 * 2 + 3)
     assert scores.groupby(["method", "operator", "metric"]).size().eq(12).all()
     curves = pd.read_csv(root / "a" / "curves.csv.gz")
     assert set(curves.curve) == {"deletion", "insertion", "lerf"}
@@ -59,17 +60,44 @@ def test_two_runs_give_identical_scores(two_runs):
 def test_leaderboard_sorted_by_main_score_with_arrows(two_runs):
     root, a, _ = two_runs
     md = (root / "a" / "leaderboard.md").read_text()
-    assert "SRG ↑" in md and "Del p ↓" in md and "LeRF KL ↓" in md and "AUROC ↑" in md and " ± " in md
+    assert "SRG ↑" in md and "Del p ↓" in md and "LeRF KL ↓" in md and "AUROC ↑" in md
+    assert "Point ↑" in md and "Mass ↑" in md and "ground-truth localisation" in md
     board = pd.read_csv(root / "a" / "leaderboard.csv")
-    for _, group in board.groupby("operator"):
-        assert group.srg.is_monotonic_decreasing
-        assert set(group.method) == {"random", "attention", "rollout"}
-        assert (group.n == 12).all() and (group.srg_ci95 > 0).all()
+    for op, group in board.groupby("operator"):
+        assert set(group.method) == {"random", "attention", "rollout"} and (group.n == 12).all()
+        main = "auroc" if op == "-" else "srg"
+        assert group[main].is_monotonic_decreasing
+        assert (group[f"{main}_ci_low"] < group[main]).all()
+        assert (group[main] < group[f"{main}_ci_high"]).all()
+        assert group[f"{main}_verdict"].iloc[0] == "best"
+        assert set(group[f"{main}_verdict"].iloc[1:]) <= {"tie", "worse"}
     # the mean in the table is the mean of the per-image rows
     s = a["scores"]
     want = s[(s.method == "rollout") & (s.operator == "drop") & (s.metric == "srg")].value.mean()
     got = board[(board.method == "rollout") & (board.operator == "drop")].srg.item()
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_run_checks_itself_and_writes_a_report(two_runs):
+    root, a, _ = two_runs
+    sanity = pd.read_csv(root / "a" / "sanity.csv")
+    verdicts = sanity.drop_duplicates("method").set_index("method").verdict
+    # random maps depend on the image only: unchanged by randomising the model
+    assert verdicts["random"] == "fail" and verdicts["attention"] == "pass"
+    assert (sanity[sanity.method == "random"].spearman == 1).all()
+    assert sanity.stage.iloc[0] == "head" and sanity.stage.iloc[-1] == "embedding"
+    check = pd.read_csv(root / "a" / "metric_check.csv")
+    assert set(check.operator) == {"mean", "drop"} and set(check.verdict) <= {"pass", "flag"}
+    # the mask beats random by a wide margin on deletion: a metric that works here
+    assert (check[check.metric == "deletion_prob_auc"].verdict == "pass").all()
+    stability = pd.read_csv(root / "a" / "rank_stability.csv")
+    assert set(stability.operators) == {"mean vs drop"} and stability.tau.between(-1, 1).all()
+    html = (root / "a" / "report.html").read_text()
+    for needle in ("Leaderboards", "Gallery", "Sanity check", "Metric check", "Kendall", "Provenance"):
+        assert needle in html
+    # gallery: 8 images x (image + ground truth + 3 methods), the curves figure, the colour bar
+    assert html.count('class="gallery-row"') == 8
+    assert html.count("data:image/png;base64,") == 8 * 5 + 2
 
 
 def test_failed_write_keeps_previous_run_and_leaves_nothing(tmp_path):

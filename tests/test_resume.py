@@ -34,7 +34,9 @@ from patchbench.methods.base import Method
 TINY = dict(datasets=("glyphs",), operators=("mean",), n_images=6, steps=2)
 SMALL = dict(datasets=("glyphs",), methods=("random", "attention", "rollout"),
              operators=("mean", "drop"), n_images=8, steps=3)
-N_SMALL_CHUNKS = 3 * (1 + 2)  # methods x (maps + one curves chunk per operator)
+# methods x (maps + one curves chunk per operator), the ground-truth mask's curves per
+# operator (the metric check) and one chunk for the model-randomisation check
+N_SMALL_CHUNKS = 3 * (1 + 2) + 2 + 1
 
 
 def chunk_names(results_dir: Path) -> list[str]:
@@ -89,7 +91,7 @@ def test_failing_methods_are_isolated(tmp_path, glyphs_model, one_thread, fake_m
     run_dir = tmp_path / "iso"
     scores = pd.read_csv(run_dir / "scores.csv")
     assert set(scores.method) == {"random", "rollout"}
-    assert len(scores) == 6 * 2 * (7 + 1)  # two methods, 7 curve scores under one operator + AUROC
+    assert len(scores) == 6 * 2 * (7 + 3)  # two methods, 7 curve scores under one operator + 3 localisation
     failed = pd.read_csv(run_dir / "failures.csv")
     assert list(failed.columns) == ["dataset", "method", "error"]
     assert set(failed.method) == {"boom", "nanny"}
@@ -102,8 +104,9 @@ def test_failing_methods_are_isolated(tmp_path, glyphs_model, one_thread, fake_m
     run = read_run(run_dir)
     assert {f["method"] for f in run["failures"]} == {"boom", "nanny"}
     assert any("'boom' failed" in w and "kaput" in w for w in run["warnings"])
-    # the failed methods stored nothing: maps + one curves chunk for each of the two others
-    assert len(chunk_names(tmp_path)) == run["chunks"]["computed"] == 4
+    # the failed methods stored nothing: maps + one curves chunk for each of the two others,
+    # the ground-truth mask's curves and the sanity check of the two
+    assert len(chunk_names(tmp_path)) == run["chunks"]["computed"] == 4 + 1 + 1
 
 
 def test_cli_exits_1_when_a_method_failed_and_keeps_the_others(tmp_path, glyphs_model, one_thread,
@@ -266,7 +269,7 @@ def test_store_rejects_a_bad_overwrite_mode(tmp_path):
 
 KILL_METHODS = "random,attention,rollout,gradcam,integrated_gradients"
 KILL_OPERATORS = "mean,drop"
-KILL_TOTAL = 5 * (1 + 2)  # methods x (maps + curves per operator)
+KILL_TOTAL = 5 * (1 + 2) + 2 + 1  # methods x (maps + curves per operator), metric check, sanity
 KILL_AFTER = 4  # chunks stored when the run is killed
 
 
@@ -392,7 +395,7 @@ def test_regression_trips_on_a_degraded_method(tiny_config, glyphs_model, one_th
     table = regress(str(config), refs, update=True, **kw)
     saved = json.loads((refs / "tiny.json").read_text())
     assert saved["config"] == "tiny" and saved["tolerance"] == TOLERANCE
-    assert saved["n_scores"] == len(saved["scores"]) == len(table) == 2 * (7 + 1)
+    assert saved["n_scores"] == len(saved["scores"]) == len(table) == 2 * (7 + 3)
     assert "glyphs/mean/rollout/srg" in saved["scores"] and "glyphs/-/random/auroc" in saved["scores"]
     assert (table.status == "ok").all()
 
@@ -426,7 +429,7 @@ def test_reference_without_tolerance_uses_the_default(tiny_config, glyphs_model,
     message = str(err.value)
     assert all(f"{kind} {allowed}" in message for kind, allowed in TOLERANCE.items())
     rows = [line for line in message.splitlines() if line.startswith("| glyphs/")]
-    assert len(rows) == 2 * (7 + 1) and all(line.endswith("| new |") for line in rows)
+    assert len(rows) == 2 * (7 + 3) and all(line.endswith("| new |") for line in rows)
 
 
 def test_compare_verdicts():
@@ -452,7 +455,8 @@ def test_compare_verdicts():
     assert set(compare(ref, ref, tol).status) == {"ok"}
     assert list(compare(ref, now, tol).score) == sorted(set(ref) | set(now))
     assert set(TOLERANCE) == {score_kind(k) for k in ("a/b/c/srg", "a/-/c/auroc", "a/b/c/lerf_prob_auc",
-                                                       "a/b/c/deletion_kl_auc")}
+                                                       "a/b/c/deletion_kl_auc", "a/-/c/pointing_game",
+                                                       "a/-/c/relevance_mass")}
 
 
 def test_reference_scores_are_means_per_key():

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from patchbench.metrics.stats import bootstrap_ci, normalise, paired_test, rank_agreement
+from patchbench.metrics.stats import bootstrap_ci, holm, normalise, paired_test, rank_agreement
 
 
 def test_bootstrap_equals_a_plain_loop_over_the_same_draws():
@@ -83,3 +83,18 @@ def test_normalise_puts_random_at_0_and_best_at_1():
     assert normalise(0.6, random=0.3, best=0.9) == pytest.approx(0.5)
     assert normalise(0.1, random=0.5, best=0.1) == 1.0  # lower-is-better scores too
     assert np.isnan(normalise(0.2, random=0.2, best=0.2))
+
+
+def test_holm_matches_the_step_down_procedure_by_hand():
+    raw = np.array([0.04, 0.001, 0.03, 0.2, 0.012])
+    m = len(raw)
+    order = sorted(range(m), key=lambda i: raw[i])
+    expected = np.empty(m)
+    running = 0.0
+    for k, i in enumerate(order):  # k-th smallest is multiplied by m - k, never decreasing
+        running = max(running, min(1.0, (m - k) * raw[i]))
+        expected[i] = running
+    got = holm(raw)
+    assert got == pytest.approx(expected, abs=1e-15)
+    assert got.tolist() == pytest.approx([0.09, 0.005, 0.09, 0.2, 0.048])
+    assert (got >= raw).all() and holm(np.array([])).shape == (0,)

@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"class whose probability is tracked (default: {d.target})")
     b.add_argument("--batch-size", type=int, **opt,
                    help=f"images per attribution call (default: {d.batch_size})")
+    b.add_argument("--gallery-size", type=int, **opt,
+                   help=f"images per dataset in report.html's gallery (default: {d.gallery_size})")
+    b.add_argument("--sanity-images", type=int, **opt,
+                   help="images per dataset for the model-randomisation sanity check, 0 = skip it "
+                        f"(default: {d.sanity_images})")
     b.add_argument("--chunk-size", type=int, **opt,
                    help="most (image, step) rows per forward pass (default: 64 on CPU, 1024 on GPU)")
     b.add_argument("--memory-budget", **opt,

@@ -28,6 +28,8 @@ class BenchConfig:
     seed: int = 0
     target: str = "prediction"
     batch_size: int = 50
+    gallery_size: int = 8  # images per dataset shown in report.html with every method's map
+    sanity_images: int = 32  # images per dataset for the model-randomisation check (0: skip it)
     chunk_size: int | None = None  # most (image, step) rows per forward pass (None: 64 on CPU, 1024 on GPU)
     memory_budget: str | None = None  # e.g. "2GiB": rows per forward pass chosen to fit it
     results_dir: str = "results"
@@ -62,6 +64,9 @@ class BenchConfig:
             raise ValueError(f"target must be 'prediction' or 'label', got {self.target!r}")
         if self.n_images < 2:
             raise ValueError(f"n_images must be at least 2, got {self.n_images}")
+        for name in ("gallery_size", "sanity_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.overwrite not in ("never", "missing", "always"):
             raise ValueError(f"overwrite must be never, missing or always, got {self.overwrite!r}")
         if self.chunk_size is not None and self.chunk_size < 1:

@@ -21,7 +21,9 @@ REFERENCE_DIR = Path("results/reference")
 # Allowed |now - reference| per kind of score: twice the largest shift measured when every model
 # and explainer was retrained with 1 CPU thread instead of 2 (another float reduction order, as
 # another machine gives); two runs on one machine are byte-identical. See docs/regression.md.
-TOLERANCE = {"auroc": 0.07, "prob_auc": 0.07, "srg": 0.11, "kl_auc": 0.55}
+TOLERANCE = {"auroc": 0.07, "prob_auc": 0.07, "srg": 0.11, "kl_auc": 0.55,
+             # not measured that way yet: a share over 40 images, where one image is 0.025
+             "pointing_game": 0.15, "relevance_mass": 0.07}
 
 
 def score_kind(key: str) -> str:

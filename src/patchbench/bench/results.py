@@ -2,112 +2,405 @@
 
 from __future__ import annotations
 
-import math
+import io
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from patchbench.metrics import MAIN_METRIC, METRICS
+from patchbench.bench.report import Gallery, Section, Table
+from patchbench.metrics import LOCALISATION_METRICS, MAIN_METRIC, METRICS
+from patchbench.metrics.stats import bootstrap_ci, holm, normalise, paired_test, rank_agreement
 
 GROUP = ["dataset", "model", "operator"]
+ALPHA = 0.05
 AUC_NOTE = ("AUCs: trapezoid rule over the fraction of patches removed/inserted in [0, 1], "
             "both ends included (independent of the number of steps). "
             "SRG = LeRF p AUC - deletion p AUC. Under one operator, LeRF and insertion are "
             "the same images seen from opposite ends, so their AUCs are equal; Ins is not "
-            "shown separately. Cells: mean ± 95% CI half-width (Student t).")
-TABLE_METRICS = ["srg", "deletion_prob_auc", "lerf_prob_auc", "deletion_kl_auc", "lerf_kl_auc",
-                 "auroc"]
+            "shown separately.")
+CELL_NOTE = ("Cells: mean [95% bootstrap CI]. **Bold**: the best mean in the column; ≈: not "
+             "significantly different from it (Wilcoxon signed-rank over the same images, "
+             f"Holm-corrected within the column, α = {ALPHA}); other cells are significantly worse.")
+NORM_NOTE = ("Normalised: (score - random) / (best - random), so the `random` control is 0 and "
+             "the best method in the column 1; below 0 is worse than random; – where random is "
+             "the best (nothing to normalise by).")
+FAITHFULNESS_COLUMNS = ["srg", "deletion_prob_auc", "lerf_prob_auc", "deletion_kl_auc", "lerf_kl_auc"]
 
 
-def summarise(scores: pd.DataFrame) -> pd.DataFrame:
-    """Mean, 95% CI half-width and n per (dataset, model, operator, method, metric).
+def summarise(scores: pd.DataFrame, level: float = 0.95, n_boot: int = 2000, seed: int = 0,
+              alpha: float = ALPHA) -> pd.DataFrame:
+    """One row per (dataset, model, operator, method, metric) cell with its statistics.
 
-    Operator-independent scores (operator ``"-"``, e.g. AUROC) are repeated under every
-    operator so each table is complete.
+    Operator-independent scores (operator ``"-"``: the localisation metrics) keep their own
+    operator ``"-"`` rows.
+
+    Args:
+        scores: Tidy per-image rows (``dataset, model, method, operator, metric, sample_id,
+            value``).
+        level: Coverage of the bootstrap intervals.
+        n_boot: Bootstrap resamples per cell.
+        seed: Seed of the resampling (the same draws for every cell of a size).
+        alpha: Level of the paired test against the column's best method.
+
+    Returns:
+        Columns ``mean, ci_low, ci_high, n, higher_is_better``; ``verdict``: ``best``,
+        ``tie`` (not significantly different from the best) or ``worse``; ``p_vs_best``
+        (Holm-adjusted); ``normalised`` (random = 0, best = 1; NaN without a ``random`` row).
     """
-    free = scores[scores.operator == "-"]
-    tied = scores[scores.operator != "-"]
-    ops = tied[["dataset", "model", "operator"]].drop_duplicates()
-    scores = pd.concat([tied, free.drop(columns="operator").merge(ops, on=["dataset", "model"])])
-    g = scores.groupby([*GROUP, "method", "metric"], sort=False)["value"]
-    out = g.agg(mean="mean", std="std", n="count").reset_index()
-    t = out.n.map(lambda n: stats.t.ppf(0.975, n - 1) if n > 1 else math.nan)
-    out["ci95"] = t * out["std"] / np.sqrt(out.n)
+    rows = []
+    for keys, cell in scores.groupby([*GROUP, "method", "metric"], sort=False)["value"]:
+        low, high = bootstrap_ci(cell.to_numpy(), level, n_boot, seed)
+        rows.append((*keys, cell.mean(), low, high, len(cell)))
+    out = pd.DataFrame(rows, columns=[*GROUP, "method", "metric", "mean", "ci_low", "ci_high", "n"])
     out["higher_is_better"] = out.metric.map(lambda m: METRICS[m].higher_is_better)
-    return out.drop(columns="std")
+    out["verdict"], out["p_vs_best"], out["normalised"] = "", np.nan, np.nan
+    for _, column in out.groupby([*GROUP, "metric"], sort=False):
+        _judge(out, column, scores, alpha)
+    return out
 
 
-def _ordered(group: pd.DataFrame) -> list[str]:
-    main = group[group.metric == MAIN_METRIC].set_index("method")["mean"]
-    return main.sort_values(ascending=not METRICS[MAIN_METRIC].higher_is_better).index.tolist()
+def _judge(out: pd.DataFrame, column: pd.DataFrame, scores: pd.DataFrame, alpha: float) -> None:
+    """Fills verdict, p_vs_best and normalised for one column (one metric, one table)."""
+    up = bool(column.higher_is_better.iloc[0])
+    best = column["mean"].idxmax() if up else column["mean"].idxmin()
+    first = column.iloc[0]
+    per_image = scores[(scores.dataset == first.dataset) & (scores.model == first.model)
+                       & (scores.operator == first.operator) & (scores.metric == first.metric)]
+    table = per_image.pivot_table(index="sample_id", columns="method", values="value", sort=False)
+    others = [i for i in column.index if i != best]
+    raw = []
+    for i in others:  # paired over the images both methods have a score for
+        pair = table[[out.at[best, "method"], out.at[i, "method"]]].dropna()
+        raw.append(paired_test(pair.iloc[:, 0].to_numpy(), pair.iloc[:, 1].to_numpy()))
+    out.loc[best, ["verdict", "p_vs_best"]] = ["best", np.nan]
+    for i, p in zip(others, holm(np.array(raw))):
+        out.loc[i, ["verdict", "p_vs_best"]] = ["worse" if p < alpha else "tie", p]
+    random = column[column.method == "random"]["mean"]
+    if len(random):
+        out.loc[column.index, "normalised"] = [
+            normalise(m, float(random.iloc[0]), float(column.at[best, "mean"])) for m in column["mean"]]
 
 
-def render_markdown(summary: pd.DataFrame, timing: pd.DataFrame | None = None,
-                    failures: pd.DataFrame | None = None) -> str:
-    """Markdown leaderboards, one table per (dataset, model, operator), best first.
+def operator_agreement(summary: pd.DataFrame) -> pd.DataFrame:
+    """Kendall's tau between the method rankings under every pair of operators.
+
+    Returns:
+        Rows ``dataset, model, metric, operators ("mean vs drop"), tau, methods`` for every
+        faithfulness metric, over the methods scored under both operators.
+    """
+    rows = []
+    # insertion is LeRF seen from the other end (equal AUCs): listed once, as LeRF
+    tied = summary[(summary.operator != "-") & ~summary.metric.str.startswith("insertion")]
+    for (dataset, model, metric), g in tied.groupby(["dataset", "model", "metric"], sort=False):
+        means = {op: dict(zip(o.method, o["mean"])) for op, o in g.groupby("operator", sort=False)}
+        ops = list(means)
+        for i, a in enumerate(ops):
+            for b in ops[i + 1:]:
+                common = sorted(set(means[a]) & set(means[b]))
+                if len(common) < 2:
+                    continue
+                tau = rank_agreement({m: means[a][m] for m in common}, {m: means[b][m] for m in common})
+                rows.append({"dataset": dataset, "model": model, "metric": metric,
+                             "operators": f"{a} vs {b}", "tau": tau, "methods": len(common)})
+    return pd.DataFrame(rows, columns=["dataset", "model", "metric", "operators", "tau", "methods"])
+
+
+def ground_truth_check(truth_scores: pd.DataFrame, scores: pd.DataFrame,
+                       alpha: float = ALPHA) -> pd.DataFrame:
+    """Does each faithfulness metric score the ground-truth mask better than ``random``?
+
+    A metric that cannot tell the object's patches from random ones on a dataset does not
+    measure faithfulness there; such cells are flagged.
+
+    Args:
+        truth_scores: Per-image rows of the ground-truth mask used as a map.
+        scores: Per-image rows of the run (its ``random`` rows are the control).
+        alpha: Level of the one-sided reading of the Wilcoxon signed-rank test.
+
+    Returns:
+        Rows ``dataset, model, operator, metric, truth, random, p, verdict`` (``pass`` when
+        the mask is better and the difference significant, else ``flag``).
+    """
+    columns = [*GROUP, "metric", "truth", "random", "p", "verdict"]
+    control = scores[scores.method == "random"]
+    if not len(truth_scores) or not len(control):
+        return pd.DataFrame(columns=columns)
+    keys = [*GROUP, "metric", "sample_id"]
+    both = truth_scores.merge(control, on=keys, suffixes=("_truth", "_random"))
+    both = both[~both.metric.str.startswith("insertion")]  # equal to LeRF: listed once
+    rows = []
+    for (dataset, model, op, metric), g in both.groupby([*GROUP, "metric"], sort=False):
+        t, r = g.value_truth.to_numpy(), g.value_random.to_numpy()
+        better = t.mean() > r.mean() if METRICS[metric].higher_is_better else t.mean() < r.mean()
+        p = paired_test(t, r)
+        rows.append((dataset, model, op, metric, t.mean(), r.mean(), p,
+                     "pass" if better and p < alpha else "flag"))
+    return pd.DataFrame(rows, columns=columns)
+
+
+def ground_truth_table(check: pd.DataFrame) -> Table:
+    """The metric check as a table, one row per dataset, operator and metric."""
+    rows = [[c.dataset, c.operator, _header(c.metric), f"{c.truth:.3f}", f"{c.random:.3f}",
+             f"{c.p:.2g}", c.verdict] for c in check.itertuples()]
+    marks = [["", "", "", "", "", "", c.verdict] for c in check.itertuples()]
+    note = ("The ground-truth mask used as a map (object patches first) must score better than "
+            f"the `random` control (Wilcoxon signed-rank over images, p < {ALPHA}). A flagged "
+            "metric does not tell the object from random patches on that dataset: read its "
+            "column (marked ⚠ in the leaderboard) with care.")
+    return Table("Metric check: the ground-truth mask against random",
+                 ["dataset", "operator", "metric", "mask", "random", "p", "verdict"], rows, [note], marks)
+
+
+def sanity_table(sanity: pd.DataFrame) -> list[Table]:
+    """The model-randomisation check, one table per dataset: a row per method, the mean rank
+    correlation with the trained model's maps after each cumulative stage, and the verdict."""
+    tables = []
+    for (dataset, model), g in sanity.groupby(["dataset", "model"], sort=False):
+        stages = list(dict.fromkeys(g.sort_values("stage_index").stage))
+        rows, marks = [], []
+        for method, m in g.groupby("method", sort=False):
+            rho = dict(zip(m.stage, m.spearman))
+            verdict = str(m.verdict.iloc[0])
+            rows.append([method, *(f"{rho[st]:.2f}" if st in rho and np.isfinite(rho[st]) else "–"
+                                   for st in stages), verdict])
+            marks.append(["", *[""] * len(stages), "pass" if verdict == "pass" else "fail"])
+        note = ("Cascading model-parameter randomisation (Adebayo et al., 2018): from the head "
+                "down, each column re-initialises one more part of the model; cells are the mean "
+                "Spearman correlation between a method's maps on the trained and on the "
+                f"randomised model ({int(g.n.max())} images). A method passes when its maps, with "
+                f"everything randomised, correlate below {float(g.threshold.iloc[0]):g} with the "
+                "trained ones: maps that do not change with the model cannot explain it.")
+        tables.append(Table(f"Sanity check: model randomisation · {dataset} · {model}",
+                            ["method", *(f"ρ +{st}" for st in stages), "verdict"], rows, [note], marks))
+    return tables
+
+
+def verdict_lines(summary: pd.DataFrame, check: pd.DataFrame, sanity: pd.DataFrame) -> list[str]:
+    """Plain sentences for the top of the report: who wins where, with what confidence."""
+    lines = []
+    main = summary[summary.metric == MAIN_METRIC]
+    for (dataset, _model, op), g in main.groupby(GROUP, sort=False):
+        best = g[g.verdict == "best"].method.tolist()
+        ties = g[g.verdict == "tie"].method.tolist()
+        text = f"{dataset} · operator {op}: best {METRICS[MAIN_METRIC].label} is {', '.join(best)}"
+        text += (f"; not significantly different from it: {', '.join(ties)}." if ties
+                 else "; every other method is significantly worse.")
+        lines.append(text)
+    loc = summary[summary.metric == "auroc"]
+    for (dataset, _model), g in loc.groupby(["dataset", "model"], sort=False):
+        best = g[g.verdict == "best"].method.tolist()
+        lines.append(f"{dataset}: best localisation (AUROC) is {', '.join(best)}.")
+    if len(check):
+        flags = check[check.verdict == "flag"]
+        lines.append("Metric check: the ground-truth mask beats random on every faithfulness metric."
+                     if not len(flags) else "Metric check: flagged (the ground-truth mask does not "
+                     "beat random): " + "; ".join(f"{c.dataset} {c.operator} {METRICS[c.metric].label}"
+                                                   for c in flags.itertuples()) + ".")
+    if len(sanity):
+        verdicts = sanity.drop_duplicates(["dataset", "method"])
+        for dataset, g in verdicts.groupby("dataset", sort=False):
+            failed = g[g.verdict != "pass"].method.tolist()
+            lines.append(f"{dataset} model randomisation: "
+                         + (f"fail: {', '.join(failed)}." if failed else "every method passes."))
+    return lines
+
+
+def report_sections(cfg: Any, summary: pd.DataFrame, timing: pd.DataFrame, failures: pd.DataFrame,
+                    flagged: pd.DataFrame, extra: list[Table], check: pd.DataFrame,
+                    sanity: pd.DataFrame, curves_png: bytes, galleries: list[Gallery]) -> list[Section]:
+    """The sections of ``report.html``: verdicts, leaderboards, curves, gallery, statistics."""
+    sections = [Section("Summary", [
+        f"Model {cfg.model}; datasets {', '.join(cfg.datasets)}; {cfg.n_images} images each; "
+        f"removal operators {', '.join(cfg.operators)}; {cfg.steps or 'one patch per'} steps per "
+        f"curve; target: the model's {cfg.target}.",
+        *(verdict_lines(summary, check, sanity) if len(summary) else []),
+        CELL_NOTE.replace("**Bold**", "Bold"), AUC_NOTE])]
+    if len(summary):
+        sections.append(Section("Leaderboards", tables=leaderboard_tables(summary, timing, failures,
+                                                                          flagged)))
+    elif len(failures):
+        sections.append(Section("Leaderboards", ["Every method failed; nothing was scored."], [Table(
+            "Failures", ["dataset", "method", "error"], failures[["dataset", "method", "error"]]
+            .astype(str).to_numpy().tolist(), marks=[["", "", "fail"]] * len(failures))]))
+    if curves_png:
+        sections.append(Section("Curves", figures=[(
+            "Mean p(target) along each curve with a 95% band, per dataset and operator.", curves_png)]))
+    if galleries:
+        sections.append(Section("Gallery", ["Each row: the image, its ground truth (when the "
+                                            "dataset has one) and every method's patch map."],
+                                galleries=galleries))
+    if extra:
+        sections.append(Section("Statistics and checks", tables=list(extra)))
+    return sections
+
+
+def _ordered(group: pd.DataFrame, metric: str) -> list[str]:
+    main = group[group.metric == metric].set_index("method")["mean"]
+    return main.sort_values(ascending=not METRICS[metric].higher_is_better, kind="stable").index.tolist()
+
+
+def _cell(c: pd.Series) -> tuple[str, str]:
+    """The text of a cell and its mark (the verdict)."""
+    interval = f"[{c['ci_low']:.3f}, {c['ci_high']:.3f}]"
+    if c["verdict"] == "best":
+        return f"**{c['mean']:.3f}** {interval}", "best"
+    return f"{c['mean']:.3f} {interval}{' ≈' if c['verdict'] == 'tie' else ''}", c["verdict"]
+
+
+def _header(metric: str) -> str:
+    return f"{METRICS[metric].label} {'↑' if METRICS[metric].higher_is_better else '↓'}"
+
+
+def leaderboard_tables(summary: pd.DataFrame, timing: pd.DataFrame | None = None,
+                       failures: pd.DataFrame | None = None, flagged: pd.DataFrame | None = None
+                       ) -> list[Table]:
+    """Leaderboards: per (dataset, model, operator) the faithfulness scores, best first, then
+    per (dataset, model) the ground-truth localisation scores.
 
     Args:
         summary: From :func:`summarise`.
         timing: Optional ``dataset, method, ms_per_image`` attribution times.
-        failures: Optional ``dataset, method, error`` rows, shown as ``failed: <reason>``
-            lines in that dataset's tables (or on their own when nothing else was scored).
+        failures: Optional ``dataset, method, error`` rows, shown as ``failed: <reason>`` rows.
+        flagged: Optional ``dataset, operator, metric`` rows of metrics that failed the
+            ground-truth check; their column headers get a ⚠.
     """
     failures = failures if failures is not None else pd.DataFrame(columns=["dataset", "method", "error"])
-    lines = []
-    if summary.empty:
-        for f in failures.itertuples():
-            lines.append(f"- {f.dataset} · `{f.method}`: failed: {f.error}")
-        return "\n".join([*lines, "", AUC_NOTE]) + "\n"
-    for (dataset, model, op), group in summary.groupby(GROUP, sort=False):
-        metrics = [m for m in TABLE_METRICS if m in set(group.metric)]
-        header = ["method", *(f"{METRICS[m].label} {'↑' if METRICS[m].higher_is_better else '↓'}"
+    flags = set() if flagged is None else set(zip(flagged.dataset, flagged.operator, flagged.metric))
+    tables = []
+    groups = list(summary[summary.operator != "-"].groupby(GROUP, sort=False))
+    groups += list(summary[summary.operator == "-"].groupby(GROUP, sort=False))
+    for (dataset, model, op), group in groups:
+        faithful = op != "-"
+        wanted = FAITHFULNESS_COLUMNS if faithful else list(LOCALISATION_METRICS)
+        metrics = [m for m in wanted if m in set(group.metric)]
+        header = ["method", *(_header(m) + (" ⚠" if (dataset, op, m) in flags else "")
                               for m in metrics), "n"]
-        if timing is not None:
+        if timing is not None and faithful:
             header.append("ms/img")
-        lines += [f"### {dataset} · {model} · operator `{op}`", "",
-                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         cells = group.set_index(["method", "metric"])
-        for method in _ordered(group):
-            row = [method]
+        rows, marks = [], []
+        for method in _ordered(group, metrics[0]):
+            row, mark = [method], [""]
             for m in metrics:
-                if (method, m) in cells.index:
-                    c = cells.loc[(method, m)]
-                    row.append(f"{c['mean']:.3f} ± {c['ci95']:.3f}")
-                else:
-                    row.append("–")
-            row.append(str(int(cells.loc[(method, MAIN_METRIC), "n"])))
-            if timing is not None:
+                text, verdict = _cell(cells.loc[(method, m)]) if (method, m) in cells.index else ("–", "")
+                row.append(text)
+                mark.append(verdict)
+            row.append(str(int(cells.loc[(method, metrics[0]), "n"])))
+            mark.append("")
+            if timing is not None and faithful:
                 t = timing[(timing.dataset == dataset) & (timing.method == method)]
                 row.append(f"{t.ms_per_image.iloc[0]:.1f}" if len(t) else "–")
-            lines.append("| " + " | ".join(row) + " |")
+                mark.append("")
+            rows.append(row)
+            marks.append(mark)
         for f in failures[failures.dataset == dataset].itertuples():
-            lines.append(f"| {f.method} | failed: {f.error.replace('|', '/')} |" + " |" * (len(header) - 2))
-        lines.append("")
-    lines.append(AUC_NOTE)
-    return "\n".join(lines) + "\n"
+            rows.append([f.method, f"failed: {f.error}", *[""] * (len(header) - 2)])
+            marks.append(["", "fail", *[""] * (len(header) - 2)])
+        title = (f"{dataset} · {model} · operator `{op}`" if faithful
+                 else f"{dataset} · {model} · ground-truth localisation")
+        tables.append(Table(title, header, rows, [CELL_NOTE], marks))
+    return tables
+
+
+def normalised_tables(summary: pd.DataFrame) -> list[Table]:
+    """Per (dataset, model, operator): every faithfulness AUC normalised (random 0, best 1)."""
+    tables = []
+    tied = summary[summary.operator != "-"]
+    for (dataset, model, op), group in tied.groupby(GROUP, sort=False):
+        if group.normalised.isna().all():  # no random control in this table
+            continue
+        metrics = [m for m in FAITHFULNESS_COLUMNS if m in set(group.metric)]
+        cells = group.set_index(["method", "metric"])["normalised"].dropna()
+        rows = [[method, *(f"{cells[(method, m)]:.2f}" if (method, m) in cells.index else "–"
+                           for m in metrics)] for method in _ordered(group, metrics[0])]
+        tables.append(Table(f"{dataset} · {model} · operator `{op}` · normalised",
+                            ["method", *(_header(m) for m in metrics)], rows, [NORM_NOTE]))
+    return tables
+
+
+def agreement_table(agreement: pd.DataFrame) -> Table:
+    """Kendall's tau of the method rankings between operators, one row per dataset and metric."""
+    pairs = list(dict.fromkeys(agreement.operators))
+    rows = []
+    for (dataset, model, metric), g in agreement.groupby(["dataset", "model", "metric"], sort=False):
+        taus = dict(zip(g.operators, g.tau))
+        rows.append([dataset, model, METRICS[metric].label,
+                     *(f"{taus[p]:.2f}" if p in taus and np.isfinite(taus[p]) else "–" for p in pairs)])
+    note = ("Kendall's tau between the rankings of the methods by mean score under two removal "
+            "operators: 1 = the same order, 0 = unrelated, -1 = reversed. A low tau means the "
+            "ranking depends on how patches are removed.")
+    return Table("Rank stability across removal operators (Kendall's tau)",
+                 ["dataset", "model", "metric", *(f"τ {p}" for p in pairs)], rows, [note])
+
+
+def table_markdown(table: Table, heading: str = "###") -> str:
+    """A :class:`Table` as a Markdown section: heading, pipe table, notes."""
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+
+    lines = [f"{heading} {table.title}", "", row(table.header), "|" + "---|" * len(table.header)]
+    lines += [row(r) for r in table.rows]
+    return "\n".join([*lines, "", *table.notes]) + "\n"
+
+
+def render_markdown(summary: pd.DataFrame, timing: pd.DataFrame | None = None,
+                    failures: pd.DataFrame | None = None, extra: list[Table] = (),
+                    flagged: pd.DataFrame | None = None) -> str:
+    """Markdown leaderboards (see :func:`leaderboard_tables`), then ``extra`` tables.
+
+    Args:
+        summary: From :func:`summarise`.
+        timing: Optional ``dataset, method, ms_per_image`` attribution times.
+        failures: Optional ``dataset, method, error`` rows (listed on their own when nothing
+            else was scored).
+        extra: More tables (normalised scores, rank stability, sanity checks).
+        flagged: Metrics that failed the ground-truth check (see :func:`leaderboard_tables`).
+    """
+    if summary.empty:
+        failures = failures if failures is not None else pd.DataFrame(columns=["dataset", "method", "error"])
+        lines = [f"- {f.dataset} · `{f.method}`: failed: {f.error}" for f in failures.itertuples()]
+        return "\n".join([*lines, "", AUC_NOTE]) + "\n"
+    tables = [*leaderboard_tables(summary, timing, failures, flagged), *extra]
+    # the cell note once, after the leaderboards, not under each table
+    parts = [table_markdown(Table(t.title, t.header, t.rows, [n for n in t.notes if n != CELL_NOTE]))
+             for t in tables]
+    return "\n".join([*parts, CELL_NOTE, "", AUC_NOTE]) + "\n"
 
 
 def wide_leaderboard(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per (dataset, model, operator, method); ``<metric>``, ``<metric>_ci95`` columns."""
-    wide = summary.pivot_table(index=[*GROUP, "method"], columns="metric",
-                               values=["mean", "ci95"], sort=False)
-    wide.columns = [m if stat == "mean" else f"{m}_ci95" for stat, m in wide.columns]
-    n = summary[summary.metric == MAIN_METRIC].set_index([*GROUP, "method"])["n"]
+    """One row per (dataset, model, operator, method); per metric the columns ``<metric>``,
+    ``<metric>_ci_low``, ``<metric>_ci_high``, ``<metric>_verdict``; localisation scores
+    on operator ``-`` rows."""
+    index = [*GROUP, "method"]
+    values = ["mean", "ci_low", "ci_high", "verdict"]
+    wide = summary.set_index([*index, "metric"])[values].unstack("metric")
+    wide.columns = [m if stat == "mean" else f"{m}_{stat}" for stat, m in wide.columns]
+    n = summary.groupby(index, sort=False)["n"].max()
     wide = wide.join(n).reset_index()
-    metric_cols = [c for m in METRICS for c in (m, f"{m}_ci95") if c in wide.columns]
-    wide = wide[[*GROUP, "method", *metric_cols, "n"]]
-    order = wide.groupby(GROUP, sort=False)[MAIN_METRIC].rank(ascending=False, method="first")
-    return wide.assign(_r=order).sort_values([*GROUP, "_r"]).drop(columns="_r")
+    metric_cols = [f"{m}{s}" for m in METRICS for s in ("", "_ci_low", "_ci_high", "_verdict")
+                   if f"{m}{s}" in wide.columns]
+    wide = wide[[*index, *metric_cols, "n"]]
+    groups = {g: i for i, g in enumerate(dict.fromkeys(map(tuple, summary[GROUP].to_numpy())))}
+    main = wide[MAIN_METRIC] if MAIN_METRIC in wide else pd.Series(np.nan, index=wide.index)
+    sort_by = main.where(main.notna(), wide.get("auroc", main))
+    rank = sort_by.groupby([wide[c] for c in GROUP], sort=False).rank(ascending=False, method="first")
+    group_pos = wide[GROUP].apply(tuple, axis=1).map(groups)
+    return wide.assign(_g=group_pos, _r=rank).sort_values(["_g", "_r"]).drop(columns=["_g", "_r"])
 
 
-def plot_curves(curves: pd.DataFrame, path: Path) -> None:
-    """Mean p(target) curves per method with a 95% CI band: rows (dataset, operator), columns curve."""
+def plot_curves(curves: pd.DataFrame) -> bytes:
+    """Mean p(target) curves per method with a 95% CI band: rows (dataset, operator), columns curve.
+
+    Returns:
+        The figure as PNG bytes.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,7 +412,8 @@ def plot_curves(curves: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(len(panels), len(curve_names), squeeze=False,
                              figsize=(4.2 * len(curve_names), 3.2 * len(panels)))
     methods = sorted(probs.method.unique())
-    colours = dict(zip(methods, plt.get_cmap("tab10").colors))
+    palette = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]
+    colours = dict(zip(methods, palette * (len(methods) // len(palette) + 1)))
     for r, (dataset, op) in enumerate(panels):
         sub = probs[(probs.dataset == dataset) & (probs.operator == op)]
         for c, curve in enumerate(curve_names):
@@ -136,8 +430,10 @@ def plot_curves(curves: pd.DataFrame, path: Path) -> None:
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    return buffer.getvalue()
 
 
 def write_run(run_dir: Path, writers: dict[str, Callable[[Path], None]]) -> None:

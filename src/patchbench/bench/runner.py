@@ -22,18 +22,41 @@ from patchbench import __version__
 from patchbench.bench.chunks import ChunkStore, MissingChunkError
 from patchbench.bench.config import BenchConfig
 from patchbench.bench.distributed import World, close_world, init_world
-from patchbench.bench.results import plot_curves, render_markdown, summarise, wide_leaderboard, write_run
+from patchbench.bench.report import Gallery, write_report
+from patchbench.bench.results import (
+    agreement_table,
+    ground_truth_check,
+    ground_truth_table,
+    normalised_tables,
+    operator_agreement,
+    plot_curves,
+    render_markdown,
+    report_sections,
+    sanity_table,
+    summarise,
+    wide_leaderboard,
+    write_run,
+)
+from patchbench.bench.sanity import randomisation_stages, randomised_correlations, sanity_rows
 from patchbench.datasets import DATASETS, create_dataset
 from patchbench.datasets.base import select_samples
 from patchbench.datasets.files import FileDataset
 from patchbench.memory import choose_chunk, parse_bytes
-from patchbench.methods import create_method, diffmask_train
+from patchbench.methods import METHODS, create_method, diffmask_train
 from patchbench.methods.diffmask import diffmask_meta
 from patchbench.methods.diffmask_train import DiffMaskConfig
-from patchbench.metrics import CURVES, faithfulness_curves, log_probs, patch_auroc, prepare_reference
+from patchbench.metrics import (
+    CURVES,
+    faithfulness_curves,
+    log_probs,
+    patch_auroc,
+    pointing_game,
+    prepare_reference,
+    relevance_mass,
+)
 from patchbench.metrics.faithfulness import Curves
 from patchbench.models import create_operator, load_model
-from patchbench.models.hub import create_model
+from patchbench.models.hub import create_model, resize_for_model
 from patchbench.models.zoo import MODELS, TrainConfig
 from patchbench.utils import (
     autocast,
@@ -78,6 +101,9 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
 
     store = ChunkStore(Path(cfg.results_dir) / ".chunks", cfg.overwrite, warn)
     scores, curves, timing, models, sample_ids = [], [], [], {}, {}
+    checks: list[dict[str, Any]] = []  # the ground-truth mask scored as a map (metric check)
+    sanity: list[dict[str, Any]] = []  # model-randomisation check rows
+    galleries: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
     train_logs: dict[str, Path] = {}
     for dataset in cfg.datasets:
@@ -108,6 +134,7 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
         correct, seen = world.all_sum([(pred == labels).sum().item(), len(ids)])
         meta["eval_accuracy"] = round(correct / seen, 4)
         target = pred if cfg.target == "prediction" else labels
+        gallery = _gallery_start(cfg, dataset, adapter, pixels[part], labels, pred, truth, ids)
         model_key = meta["key"]
         base = {"model": model_key, "dataset": dataset}
         seeds = torch.tensor(ids)
@@ -141,9 +168,11 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
                     "sample_ids": stable_hash(ids, 24), "target": cfg.target,
                     "precision": [device.type, cfg.autocast], "version": __version__,
                     "code": package_digest()}
+        trained: dict[str, Tensor] = {}  # the first maps of each method, for the sanity check
+        n_sanity = min(cfg.sanity_images, len(ids)) if world.rank == 0 else 0
         for method_name in cfg.methods:
             try:
-                rows, frames, ms = _score_method(
+                rows, frames, ms, maps = _score_method(
                     cfg, store, data_key, adapter, method_name, method_options.get(method_name, {}),
                     images, target, truth, operators, references, base, ids, chunk, progress)
             except (MissingChunkError, KeyboardInterrupt):
@@ -155,18 +184,42 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
                 continue
             scores += rows
             curves += frames
+            trained[method_name] = maps[:n_sanity]
+            if gallery:
+                gallery["maps"][method_name] = maps[:len(gallery["ids"])].cpu()
             timing.append({"dataset": dataset, "method": method_name, "ms_per_image": ms,
                            "images": len(ids)})
+        if n_sanity >= 2 and trained:
+            sanity += _sanity_rows(cfg, store, data_key, adapter, method_options, trained,
+                                   images[:n_sanity], target[:n_sanity], base, warn, progress)
+        if truth.any() and "random" in trained:  # the check compares the mask with random
+            checks += _ground_truth_rows(cfg, store, data_key, adapter, images, target, truth,
+                                         operators, references, base, ids, chunk, progress)
+        if gallery:
+            galleries.append(gallery)
     parts = world.gather({"scores": scores, "curves": curves, "timing": timing, "failures": failures,
-                          "warnings": warnings, "chunks": [store.reused, store.computed]})
+                          "warnings": warnings, "chunks": [store.reused, store.computed],
+                          "checks": checks, "galleries": galleries, "sanity": sanity})
     if not world.is_writer:
         return {"markdown": "", "run_dir": Path(cfg.results_dir) / cfg.run, "failures": world.broadcast(None)}
     scores_df, curves_df, timing_df, failures_df = _merge(parts, cfg, sample_ids)
     failures = failures_df.to_dict("records")
     world.broadcast(failures)
-    summary = summarise(scores_df) if len(scores_df) else pd.DataFrame()
+    summary = summarise(scores_df, seed=cfg.seed) if len(scores_df) else pd.DataFrame()
     board = wide_leaderboard(summary) if len(summary) else pd.DataFrame()
-    markdown = render_markdown(summary, timing_df, failures_df)
+    truth_df = pd.DataFrame([r for p in parts for r in p["checks"]], columns=SCORE_COLUMNS).dropna()
+    check_df = ground_truth_check(truth_df, scores_df)
+    sanity_df = pd.DataFrame([r for p in parts for r in p["sanity"]])
+    agreement_df = operator_agreement(summary) if len(summary) else pd.DataFrame()
+    extra = [*normalised_tables(summary)] if len(summary) else []
+    if len(agreement_df):
+        extra.append(agreement_table(agreement_df))
+    if len(check_df):
+        extra.append(ground_truth_table(check_df))
+    if len(sanity_df):
+        extra += sanity_table(sanity_df)
+    flagged = check_df[check_df.verdict == "flag"]
+    markdown = render_markdown(summary, timing_df, failures_df, extra, flagged)
     run = {
         "config": asdict(cfg),
         "seeds": {"run": cfg.seed, "model_training": cfg.seed, "sample_selection": cfg.seed,
@@ -184,6 +237,9 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
         "world": {"ranks": world.size, "device": str(device)},
         **provenance(),
     }
+    curves_png = plot_curves(curves_df) if len(curves_df) else b""
+    sections = report_sections(cfg, summary, timing_df, failures_df, flagged, extra, check_df,
+                               sanity_df, curves_png, _merge_galleries(parts, cfg))
     run_dir = Path(cfg.results_dir) / cfg.run
     write_run(run_dir, {
         "scores.csv": lambda p: scores_df.to_csv(p, index=False, float_format="%.6g"),
@@ -191,14 +247,40 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
                                                     compression="gzip"),
         "leaderboard.csv": lambda p: board.to_csv(p, index=False, float_format="%.6g"),
         "leaderboard.md": lambda p: p.write_text(f"# patchbench leaderboard: {cfg.run}\n\n{markdown}"),
-        **({"curves.png": lambda p: plot_curves(curves_df, p)} if len(curves_df) else {}),
+        **({"curves.png": lambda p: p.write_bytes(curves_png)} if curves_png else {}),
+        "report.html": lambda p: write_report(p, f"patchbench report: {cfg.run}", sections, run),
+        **({"metric_check.csv": lambda p: check_df.to_csv(p, index=False, float_format="%.6g")}
+           if len(check_df) else {}),
+        **({"sanity.csv": lambda p: sanity_df.to_csv(p, index=False, float_format="%.6g")}
+           if len(sanity_df) else {}),
+        **({"rank_stability.csv": lambda p: agreement_df.to_csv(p, index=False, float_format="%.6g")}
+           if len(agreement_df) else {}),
         **({"failures.csv": lambda p: failures_df.to_csv(p, index=False)} if failures else {}),
         "run.json": lambda p: write_json(p, run),
         **{name: (lambda p, src=src: shutil.copyfile(src, p)) for name, src in train_logs.items()
            if src.exists()},
     })
     return {"markdown": markdown, "scores": scores_df, "curves": curves_df, "summary": summary,
-            "leaderboard": board, "run_dir": run_dir, "run": run, "failures": failures}
+            "leaderboard": board, "run_dir": run_dir, "run": run, "failures": failures,
+            "metric_check": check_df, "sanity": sanity_df, "rank_stability": agreement_df}
+
+
+def _merge_galleries(parts: list[dict[str, Any]], cfg: BenchConfig) -> list[Gallery]:
+    """One gallery per dataset: the first ``gallery_size`` images over the ranks, in order."""
+    out = []
+    for dataset in cfg.datasets:
+        pieces = [g for p in parts for g in p["galleries"] if g["dataset"] == dataset]
+        if not pieces:
+            continue
+        n = cfg.gallery_size
+        methods = [m for m in cfg.methods if all(m in g["maps"] for g in pieces)]
+        truth = (torch.cat([g["truth"] for g in pieces])[:n]
+                 if all(g["truth"] is not None for g in pieces) else None)
+        out.append(Gallery(
+            title=dataset, images=torch.cat([g["pixels"] for g in pieces])[:n],
+            maps={m: torch.cat([g["maps"][m] for g in pieces])[:n] for m in methods},
+            truth=truth, captions=[c for g in pieces for c in g["captions"]][:n]))
+    return out
 
 
 def _merge(parts: list[dict[str, Any]], cfg: BenchConfig, sample_ids: dict[str, list[int]]
@@ -266,8 +348,12 @@ def _score_method(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any],
                   name: str, options: dict[str, Any], images: Tensor, target: Tensor, truth: Tensor,
                   operators: dict[str, Any], references: dict[str, Any], base: dict[str, str],
                   ids: list[int], chunk: int, progress: bool
-                  ) -> tuple[list[dict[str, Any]], list[pd.DataFrame], float]:
-    """One method on one dataset: maps, then curves under every operator, each a stored chunk."""
+                  ) -> tuple[list[dict[str, Any]], list[pd.DataFrame], float, Tensor]:
+    """One method on one dataset: maps, then curves under every operator, each a stored chunk.
+
+    Returns:
+        Score rows, curve frames, attribution ms per image and the maps ``[B, Hp, Wp]``.
+    """
     method = create_method(name, adapter, **options)
     device = images.device
     maps_key = {"kind": "maps", **data_key, "method": method.config(),
@@ -285,8 +371,24 @@ def _score_method(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any],
 
     got = store.get(maps_key, attribute)
     maps = got["maps"].to(device)
-    rows = _rows(base, name, "-", {"auroc": patch_auroc(maps.cpu(), truth)}, ids)
-    frames = []
+    rows = []
+    if truth.any():  # localisation scores only where the dataset has ground truth
+        m = maps.cpu()
+        rows += _rows(base, name, "-", {"auroc": patch_auroc(m, truth),
+                                        "pointing_game": pointing_game(m, truth),
+                                        "relevance_mass": relevance_mass(m, truth)}, ids)
+    more, frames = _curve_rows(cfg, store, maps_key, adapter, maps, images, target, operators,
+                               references, base, name, ids, chunk, progress)
+    return rows + more, frames, 1000 * float(got["seconds"]) / len(ids), maps
+
+
+def _curve_rows(cfg: BenchConfig, store: ChunkStore, maps_key: dict[str, Any], adapter: Any,
+                maps: Tensor, images: Tensor, target: Tensor, operators: dict[str, Any],
+                references: dict[str, Any], base: dict[str, str], name: str, ids: list[int],
+                chunk: int, progress: bool) -> tuple[list[dict[str, Any]], list[pd.DataFrame]]:
+    """Faithfulness scores and curves of ``maps`` under every operator (stored chunks)."""
+    device = images.device
+    rows, frames = [], []
     for op_name, op in operators.items():
         curves_key = {**maps_key, "kind": "curves", "operator": op.config(), "steps": cfg.steps}
 
@@ -301,7 +403,55 @@ def _score_method(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any],
         c = Curves(p["x"], {k: p[f"prob_{k}"] for k in CURVES}, {k: p[f"kl_{k}"] for k in CURVES})
         rows += _rows(base, name, op_name, c.scores(), ids)
         frames.append(_curve_frame(base, name, op_name, c, ids))
-    return rows, frames, 1000 * float(got["seconds"]) / len(ids)
+    return rows, frames
+
+
+def _sanity_rows(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any], adapter: Any,
+                 method_options: dict[str, dict[str, Any]], trained: dict[str, Tensor],
+                 images: Tensor, target: Tensor, base: dict[str, str], warn: Any,
+                 progress: bool) -> list[dict[str, Any]]:
+    """Cascading model randomisation on the first images: one stored chunk per dataset.
+
+    Each stage re-initialises one more part of the model, from the head down; every method's
+    maps on that copy are compared with its maps on the trained model (Spearman per image).
+    """
+    names = list(trained)
+    stages = randomisation_stages(adapter)
+    key = {"kind": "sanity", **data_key, "images": len(images), "seed": cfg.seed, "stages": stages,
+           "methods": {m: {"options": method_options.get(m, {}),
+                           "code": file_digest(inspect.getsourcefile(METHODS.get(m)))} for m in names}}
+
+    def compute() -> dict[str, Tensor]:
+        factories = {m: functools.partial(create_method, m, **method_options.get(m, {})) for m in names}
+        with autocast(images.device, cfg.autocast):
+            rho, errors = randomised_correlations(
+                adapter, factories, images, target, trained, cfg.seed, progress, cfg.batch_size,
+                desc=f"{base['dataset']}: sanity check")
+        for name, why in errors.items():  # the verdict says "error"; the reason is told once
+            warn(f"patchbench: sanity check of {name!r} on {base['dataset']} failed: {why}")
+        return {"spearman": rho}
+
+    rho = store.get(key, compute)["spearman"]
+    return sanity_rows(rho, names, stages, {**base, "images": len(images)}, cfg.seed)
+
+
+GROUND_TRUTH = "ground-truth mask"
+
+
+def _ground_truth_rows(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any], adapter: Any,
+                       images: Tensor, target: Tensor, truth: Tensor, operators: dict[str, Any],
+                       references: dict[str, Any], base: dict[str, str], ids: list[int], chunk: int,
+                       progress: bool) -> list[dict[str, Any]]:
+    """Faithfulness scores of the ground-truth mask used as a map: the metric check.
+
+    Object patches rank first (ties by patch index), so a metric that measures faithfulness
+    on this data should score the mask better than the ``random`` control.
+    """
+    maps = truth.to(images.device).float()
+    key = {"kind": "maps", **data_key, "method": {"name": GROUND_TRUTH}}
+    rows, _ = _curve_rows(cfg, store, key, adapter, maps, images, target, operators, references,
+                          base, GROUND_TRUTH, ids, chunk, progress)
+    return rows
 
 
 @functools.cache
@@ -391,6 +541,25 @@ def _method_options(name: str, cfg: BenchConfig) -> dict[str, Any]:
     if name == "random":
         options.setdefault("seed", cfg.seed)
     return options
+
+
+def _gallery_start(cfg: BenchConfig, dataset: str, adapter: Any, pixels: Tensor, labels: Tensor,
+                   pred: Tensor, truth: Tensor, ids: list[int]) -> dict[str, Any] | None:
+    """The first ``gallery_size`` images of this rank's share, for the report's gallery;
+    the methods' maps are added as they are computed."""
+    n = min(cfg.gallery_size, len(ids))
+    if not n:
+        return None
+    shown = pixels[:n].float()
+    if tuple(shown.shape[-2:]) != adapter.img_size:  # shown as the model sees it, like the maps
+        data = adapter.data_config
+        shown = resize_for_model(shown, adapter.img_size, data.get("crop_pct", 1.0),
+                                 data.get("interpolation", "bicubic")).clamp(0, 1)
+    return {"dataset": dataset, "ids": ids[:n], "pixels": shown,
+            "truth": truth[:n].cpu() if truth.any() else None,
+            "captions": [f"#{i} · label {int(y)} · pred {int(p)}"
+                         for i, y, p in zip(ids[:n], labels[:n].tolist(), pred[:n].tolist())],
+            "maps": {}}
 
 
 def _rows(base: dict[str, str], method: str, operator: str, values: dict[str, Tensor],

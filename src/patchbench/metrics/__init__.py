@@ -16,6 +16,8 @@ from patchbench.metrics.functional import (
     kl_divergence,
     patch_auroc,
     patch_ranking,
+    pointing_game,
+    relevance_mass,
     step_counts,
 )
 
@@ -39,11 +41,15 @@ METRICS: dict[str, MetricInfo] = {
     "insertion_kl_auc": MetricInfo("Ins KL", False, "AUC of KL(p_clean‖p), most relevant inserted first"),
     "lerf_kl_auc": MetricInfo("LeRF KL", False, "AUC of KL(p_clean‖p), least relevant removed first"),
     "auroc": MetricInfo("AUROC", True, "patch AUROC of the map against the ground-truth mask"),
+    "pointing_game": MetricInfo("Point", True, "share of images whose top patch is in the ground truth"),
+    "relevance_mass": MetricInfo("Mass", True, "share of the (min-shifted) map inside the ground truth"),
 }
+# Scores that compare a map with the ground truth; they do not depend on a removal operator.
+LOCALISATION_METRICS = ("auroc", "pointing_game", "relevance_mass")
 MAIN_METRIC = "srg"
 
 __all__ = [
-    "CURVES", "MAIN_METRIC", "METRICS", "Curves", "MetricInfo", "Reference", "auc",
+    "CURVES", "LOCALISATION_METRICS", "MAIN_METRIC", "METRICS", "Curves", "MetricInfo", "Reference", "auc",
     "faithfulness_curves", "keep_masks", "kl_divergence", "log_probs", "patch_auroc",
-    "patch_ranking", "prepare_reference", "step_counts",
+    "patch_ranking", "pointing_game", "prepare_reference", "relevance_mass", "step_counts",
 ]

@@ -1,8 +1,8 @@
 """Statistics that say when a difference between methods is real (pure functions over arrays).
 
-Not wired into the leaderboard yet (issue 7): bootstrap intervals per cell, a paired test
-between a method and the best one over the same images, scores normalised between the
-``random`` control and the best achievable, and rank agreement between two operators.
+Bootstrap intervals per leaderboard cell, a paired test between a method and the best one
+over the same images (Holm-corrected over a column), scores normalised between the
+``random`` control and the best method, and rank agreement between two operators.
 """
 
 from __future__ import annotations
@@ -50,6 +50,27 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> float:
     if not np.any(a != b):
         return 1.0
     return float(stats.wilcoxon(a, b, zero_method="wilcox").pvalue)
+
+
+def holm(pvalues: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment: p-values for testing several hypotheses at once.
+
+    Rejecting where the adjusted p-value is below alpha keeps the chance of any false
+    rejection among them at most alpha.
+
+    Args:
+        pvalues: Raw p-values ``[m]``.
+
+    Returns:
+        Adjusted p-values ``[m]``, in the input order, each at least its raw value.
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    stepped = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    adjusted = np.empty(m)
+    adjusted[order] = np.maximum.accumulate(stepped)  # monotone in the raw order
+    return adjusted
 
 
 def normalise(score: float, random: float, best: float) -> float:
