@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-DEFAULT_METHODS = ("random", "attention", "rollout", "gradcam", "integrated_gradients", "diffmask")
+DEFAULT_METHODS = ("random", "centre", "constant", "attention", "rollout", "chefer", "gradcam",
+                   "integrated_gradients", "smoothgrad", "occlusion", "rise", "diffmask")
 
 
 @dataclass
@@ -29,7 +30,7 @@ class BenchConfig:
     target: str = "prediction"
     batch_size: int = 50
     gallery_size: int = 8  # images per dataset shown in report.html with every method's map
-    sanity_images: int = 32  # images per dataset for the model-randomisation check (0: skip it)
+    sanity_images: int = 16  # images per dataset for the model-randomisation check (0: skip it)
     chunk_size: int | None = None  # most (image, step) rows per forward pass (None: 64 on CPU, 1024 on GPU)
     memory_budget: str | None = None  # e.g. "2GiB": rows per forward pass chosen to fit it
     results_dir: str = "results"

@@ -371,7 +371,7 @@ def render_markdown(summary: pd.DataFrame, timing: pd.DataFrame | None = None,
     # the cell note once, after the leaderboards, not under each table
     parts = [table_markdown(Table(t.title, t.header, t.rows, [n for n in t.notes if n != CELL_NOTE]))
              for t in tables]
-    return "\n".join([*parts, CELL_NOTE, "", AUC_NOTE]) + "\n"
+    return "\n\n".join([*(part.rstrip("\n") for part in parts), CELL_NOTE, AUC_NOTE]) + "\n"
 
 
 def wide_leaderboard(summary: pd.DataFrame) -> pd.DataFrame:
