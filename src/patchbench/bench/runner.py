@@ -168,7 +168,7 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
                     "sample_ids": stable_hash(ids, 24), "target": cfg.target,
                     "precision": [device.type, cfg.autocast], "version": __version__,
                     "code": package_digest()}
-        trained: dict[str, Tensor] = {}  # the first maps of each method, for the sanity check
+        scored: list[str] = []  # the methods that did not fail, for the checks
         n_sanity = min(cfg.sanity_images, len(ids)) if world.rank == 0 else 0
         for method_name in cfg.methods:
             try:
@@ -184,15 +184,15 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
                 continue
             scores += rows
             curves += frames
-            trained[method_name] = maps[:n_sanity]
+            scored.append(method_name)
             if gallery:
                 gallery["maps"][method_name] = maps[:len(gallery["ids"])].cpu()
             timing.append({"dataset": dataset, "method": method_name, "ms_per_image": ms,
                            "images": len(ids)})
-        if n_sanity >= 2 and trained:
-            sanity += _sanity_rows(cfg, store, data_key, adapter, method_options, trained,
+        if n_sanity >= 2 and scored:
+            sanity += _sanity_rows(cfg, store, data_key, adapter, method_options, scored,
                                    images[:n_sanity], target[:n_sanity], base, warn, progress)
-        if truth.any() and "random" in trained:  # the check compares the mask with random
+        if truth.any() and "random" in scored:  # the check compares the mask with random
             checks += _ground_truth_rows(cfg, store, data_key, adapter, images, target, truth,
                                          operators, references, base, ids, chunk, progress)
         if gallery:
@@ -407,15 +407,16 @@ def _curve_rows(cfg: BenchConfig, store: ChunkStore, maps_key: dict[str, Any], a
 
 
 def _sanity_rows(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any], adapter: Any,
-                 method_options: dict[str, dict[str, Any]], trained: dict[str, Tensor],
+                 method_options: dict[str, dict[str, Any]], names: list[str],
                  images: Tensor, target: Tensor, base: dict[str, str], warn: Any,
                  progress: bool) -> list[dict[str, Any]]:
     """Cascading model randomisation on the first images: one stored chunk per dataset.
 
     Each stage re-initialises one more part of the model, from the head down; every method's
     maps on that copy are compared with its maps on the trained model (Spearman per image).
+    Both are computed here under one private seed, so a method's own randomness is the same
+    on the trained and the randomised model (the run's maps were drawn with another state).
     """
-    names = list(trained)
     stages = randomisation_stages(adapter)
     key = {"kind": "sanity", **data_key, "images": len(images), "seed": cfg.seed, "stages": stages,
            "methods": {m: {"options": method_options.get(m, {}),
@@ -425,7 +426,7 @@ def _sanity_rows(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any], 
         factories = {m: functools.partial(create_method, m, **method_options.get(m, {})) for m in names}
         with autocast(images.device, cfg.autocast):
             rho, errors = randomised_correlations(
-                adapter, factories, images, target, trained, cfg.seed, progress, cfg.batch_size,
+                adapter, factories, images, target, cfg.seed, progress, cfg.batch_size,
                 desc=f"{base['dataset']}: sanity check")
         for name, why in errors.items():  # the verdict says "error"; the reason is told once
             warn(f"patchbench: sanity check of {name!r} on {base['dataset']} failed: {why}")

@@ -292,7 +292,6 @@ def randomised_correlations(
     methods: Mapping[str, Callable[[Any], Any]],
     images: Tensor,
     target: Tensor,
-    trained: Mapping[str, Tensor] | None = None,
     seed: int = 0,
     progress: bool = False,
     batch_size: int | None = None,
@@ -311,8 +310,6 @@ def randomised_correlations(
         methods: Name -> factory creating the method for a given adapter.
         images: Model inputs ``[n, 3, H, W]``.
         target: Class per image ``[n]``, kept for the randomised models.
-        trained: Maps ``[n, Hp, Wp]`` already computed on the trained model, by name; the
-            others are computed here.
         seed: Seed of the re-initialisation and of the methods' own randomness.
         progress: Show a progress bar over stages x methods.
         batch_size: Images per ``attribute`` call (default: all at once).
@@ -326,10 +323,8 @@ def randomised_correlations(
     names = list(methods)
     stages = randomisation_stages(adapter)
     errors: dict[str, str] = {}
-    maps_before = {k: v.cpu() for k, v in (trained or {}).items() if k in methods}
+    maps_before: dict[str, Tensor] = {}
     for name in names:
-        if name in maps_before:
-            continue
         try:
             maps_before[name] = _attribute(methods[name](adapter), images, target, batch_size, seed)
         except Exception as e:  # one method's failure must not cost the others' checks
