@@ -33,7 +33,7 @@ test: install
 	$(VENV)/bin/python -m pytest -q
 	$(VENV)/bin/patchbench regress --config ci --quiet
 
-# faithfulness scores of configs/ci.toml against results/reference/ci.json
+# faithfulness scores of the shipped ci config against results/reference/ci.json
 regress: install
 	$(VENV)/bin/patchbench regress --config ci
 

@@ -33,7 +33,7 @@ def test_run_writes_all_files(two_runs):
                      "curves.png", "run.json", "report.html", "metric_check.csv", "sanity.csv",
                      "rank_stability.csv"}
     # no staging left; only the stored result chunks
-    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == [".chunks"]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == [".chunks", ".locks"]
     assert b["run"]["chunks"]["reused"] == 0 and b["run"]["chunks"]["computed"] > 0
     scores = pd.read_csv(root / "a" / "scores.csv")
     assert list(scores.columns) == ["model", "dataset", "method", "operator", "metric",
@@ -102,16 +102,17 @@ def test_run_checks_itself_and_writes_a_report(two_runs):
 
 def test_failed_write_keeps_previous_run_and_leaves_nothing(tmp_path):
     run_dir = tmp_path / "r"
-    write_run(run_dir, {"a.txt": lambda p: p.write_text("old")})
+    marker = {"run.json": lambda p: p.write_text('{"patchbench_version": "0"}')}
+    write_run(run_dir, {**marker, "a.txt": lambda p: p.write_text("old")})
 
     def broken(path):
         path.write_text("half")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        write_run(run_dir, {"a.txt": lambda p: p.write_text("new"), "b.txt": broken})
+        write_run(run_dir, {**marker, "a.txt": lambda p: p.write_text("new"), "b.txt": broken})
     assert (run_dir / "a.txt").read_text() == "old" and not (run_dir / "b.txt").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["r"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".locks", "r"]
 
 
 def test_select_samples_is_stratified_and_seeded():

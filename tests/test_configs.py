@@ -1,6 +1,7 @@
-"""Run configs: every file in configs/ parses and validates, the default file is the embedded
-default, the paper configs encode the paper's task, errors name the problem, the command line
-overrides the file, the noise operator in normalised space, and a shortened paper run."""
+"""Run configs: every file shipped in patchbench/configs/ parses and validates, the default
+file is the embedded default, the paper configs encode the paper's task, errors name the
+problem, the command line overrides the file, the noise operator in normalised space, and a
+shortened paper run."""
 
 import dataclasses
 import json
@@ -21,7 +22,7 @@ from patchbench.models.removal import NoiseOperator
 from patchbench.registry import UnknownNameError
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs"
+CONFIG_DIR = ROOT / "src" / "patchbench" / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.toml"))
 EXPECTED = {"default", "paper-cifar10", "paper-imagenet", "ours", "ci"}
 PAPER_MODELS = {"paper-cifar10": "hf:tanlq/vit-base-patch16-224-in21k-finetuned-cifar10",
@@ -30,9 +31,9 @@ HALF = (0.5, 0.5, 0.5)
 
 
 @pytest.fixture
-def in_repo(monkeypatch):
-    """Names resolve against configs/ in the current directory: run from the repository root."""
-    monkeypatch.chdir(ROOT)
+def in_repo(monkeypatch, tmp_path):
+    """Names resolve inside the installed package: run from a folder that has no configs/."""
+    monkeypatch.chdir(tmp_path)
 
 
 def write_toml(tmp_path, text: str, name: str = "run.toml"):
@@ -58,7 +59,7 @@ def test_config_file_parses_and_validates(path):
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_config_resolves_by_name_from_the_repository_root(name, in_repo):
+def test_config_resolves_by_name_from_any_folder(name, in_repo):
     assert read_config(name) == read_config(CONFIG_DIR / f"{name}.toml")
 
 

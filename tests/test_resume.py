@@ -198,7 +198,7 @@ def test_overwrite_never_fails_on_a_missing_chunk_and_writes_nothing(stored, tmp
         run_benchmark(cfg, progress=False)
     assert not (root / "nv").exists()
     assert visible(root) == ["first", "render"]
-    assert sorted(p.name for p in root.iterdir()) == [".chunks", "first", "render"]  # no staging left
+    assert sorted(p.name for p in root.iterdir()) == [".chunks", ".locks", "first", "render"]  # no staging
     assert chunk_names(root) == stored_chunks
     code = main(["bench", "--run", "nv", "--results-dir", str(root), "--datasets", "glyphs",
                  "--methods", "random,gradcam", "--operators", "mean,drop", "--n-images", "8",

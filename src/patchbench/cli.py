@@ -9,6 +9,7 @@ import time
 from dataclasses import fields
 
 from patchbench.bench.chunks import MissingChunkError
+from patchbench.bench.guard import WeightsLostError
 from patchbench.registry import UnknownNameError
 
 
@@ -33,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     # options default to SUPPRESS so that only those given override the config file
     opt = {"default": argparse.SUPPRESS}
     b.add_argument("--config", default=None,
-                   help="TOML run config: a path, or a name in configs/ (default, paper-cifar10, "
+                   help="TOML run config: a path, or the name of a shipped config (default, paper-cifar10, "
                         "paper-imagenet, ours)")
     b.add_argument("--plugin", dest="plugins", action="append", **opt,
                    help="load a method plugin: path/to/file.py or module:object (repeatable)")
@@ -181,23 +182,28 @@ def _expand_methods(patterns: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
+# errors a person can act on: one line, exit 2 (a traceback would only hide the message)
+USER_ERRORS = (UnknownNameError, ValueError, OSError, MissingChunkError, WeightsLostError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"list": _list, "train": _train, "train-diffmask": _train_diffmask,
+                "regress": _regress, "speed": _speed, "bench": _bench}
     try:
-        if args.command == "list":
-            return _list(args)
-        if args.command == "train":
-            return _train(args)
-        if args.command == "train-diffmask":
-            return _train_diffmask(args)
-        if args.command == "regress":
-            return _regress(args)
-        if args.command == "speed":
-            return _speed(args)
-        return _bench(args)
-    except (UnknownNameError, ValueError, FileNotFoundError, MissingChunkError) as e:  # NotAViTError too
-        print(f"patchbench: error: {e}", file=sys.stderr)
+        return commands[args.command](args)
+    except USER_ERRORS as e:  # NotAViTError, CheckpointError, RunFolderError, ENOSPC too
+        print(f"patchbench: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("patchbench: interrupted; stored results are kept, the same command resumes",
+              file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+    return " ".join(text.split()) or type(e).__name__
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -275,11 +281,13 @@ def _train_diffmask(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
+    from patchbench.bench.config import check_run_name
     from patchbench.methods.diffmask import diffmask_meta
     from patchbench.methods.diffmask_train import DiffMaskConfig, train_or_load
     from patchbench.models.zoo import TrainConfig, load_model
     from patchbench.utils import atomic_path
 
+    check_run_name(args.run)
     adapter, _ = load_model(args.model, args.dataset, TrainConfig(seed=args.seed), progress=not args.quiet)
     cfg = DiffMaskConfig(seed=args.seed)
     if args.steps is not None:

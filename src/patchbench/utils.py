@@ -9,6 +9,7 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from importlib import metadata
@@ -28,10 +29,39 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would hide results from the user's group
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def umask() -> int:
+    """The process's file-creation mask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new folder in ``parent`` with the permissions of an ordinary ``mkdir`` (not 0700)."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(path, 0o777 & ~umask())
+    return path
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (name, dtype, shape and bytes) of ``model``.
+
+    Cheap next to a benchmark (one pass over the weights), and it sees any in-place edit,
+    so stored results can be tied to the weights that produced them.
+    """
+    h = hashlib.sha256()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -48,6 +78,26 @@ def stable_hash(obj: Any, length: int = 10) -> str:
     """Short hex digest of a JSON-serialisable object (key order does not matter)."""
     text = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def load_cached(path: Path, keys: tuple[str, ...], what: str) -> dict[str, Any] | None:
+    """A cached checkpoint holding ``keys``, or None (with a warning) when it is damaged.
+
+    A cache file is ours to rebuild: a truncated or corrupt one means "train it again",
+    never a traceback.
+    """
+    if not path.exists():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict) and all(k in obj for k in keys):
+            return obj
+        problem = f"expected keys {', '.join(keys)}"
+    except Exception as e:  # truncated zip, bad pickle: all mean "rebuild"
+        problem = f"{type(e).__name__}: {e}"
+    print(f"patchbench: warning: cached {what} {path} is unreadable ({' '.join(problem.split())}); "
+          "training it again", file=sys.stderr)
+    return None
 
 
 def seed_everything(seed: int) -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import inspect
+import re
 import tomllib
+import types
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 DEFAULT_METHODS = ("random", "centre", "constant", "attention", "rollout", "chefer", "gradcam",
                    "integrated_gradients", "smoothgrad", "occlusion", "rise", "diffmask")
@@ -49,6 +53,12 @@ class BenchConfig:
         from patchbench.datasets import DATASETS
         from patchbench.methods import METHODS
         from patchbench.models import MODELS, OPERATORS
+
+        check_types(vars(self))
+        check_run_name(self.run)
+        if self.steps is not None and self.steps < 2:
+            raise ValueError(f"steps must be 0 (one step per patch) or at least 2, got {self.steps}: "
+                             "a curve needs a point between 'nothing removed' and 'all removed'")
 
         if self.model not in MODELS and not self.model.startswith("hf:"):
             import timm
@@ -94,29 +104,107 @@ class BenchConfig:
                                         ("operator", self.operator_options, OPERATORS),
                                         ("dataset", self.dataset_options, DATASETS)):
             for name, opts in options.items():
-                registry.get(name)
-                if not isinstance(opts, dict):
-                    raise ValueError(f"{kind}_options.{name} must be a table of options, got {opts!r}")
+                check_options(f"{kind}_options.{name}", registry.get(name), opts)
 
 
-CONFIG_DIR = Path("configs")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_run_name(name: str) -> None:
+    """A run name names one folder inside the results folder, nothing else."""
+    if not RUN_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"run name {name!r} is not allowed: it names a folder inside --results-dir, "
+                         "so use letters, digits, '.', '_' and '-', starting with a letter or digit "
+                         "(no '/', '..', empty or absolute names)")
+
+
+def check_options(where: str, factory: Any, options: Any) -> None:
+    """Option names must be parameters of the component's constructor (or it takes ``**kwargs``)."""
+    if not isinstance(options, dict):
+        raise ValueError(f"{where} must be a table of options, got {options!r}")
+    params = inspect.signature(factory).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items()
+             if n != "adapter" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in options:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{where}: unknown option {key!r}{hint}; valid options: "
+                             f"{', '.join(valid) or 'none'}")
+
+
+def check_types(values: dict[str, Any], where: str = "config") -> None:
+    """Each value must have its field's declared type (TOML and Python callers alike).
+
+    Raises:
+        ValueError: Naming the key, the type expected and the value found, e.g.
+            ``n_images must be an integer, got 'twenty'``.
+    """
+    hints = get_type_hints(BenchConfig)
+    for key, value in values.items():
+        if key not in hints or _matches(value, hints[key]):
+            continue
+        tp = hints[key]
+        if get_origin(tp) is dict and isinstance(value, dict):  # name the entry that is wrong
+            bad = next(k for k, v in value.items() if not _matches(v, get_args(tp)[1]))
+            key, value, tp = f"{key}.{bad}", value[bad], get_args(tp)[1]
+        example = (f"; e.g. {key} = [{value!r}]".replace("'", '"')
+                   if get_origin(tp) is tuple and isinstance(value, str) else "")
+        raise ValueError(f"{where}: {key} must be {_describe(tp)}, got {value!r}{example}")
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is tuple:
+        return isinstance(value, tuple | list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and _matches(v, args[1])
+                                               for k, v in value.items())
+    if tp in (int, float):  # bool is an int to Python, never to a config
+        return isinstance(value, int if tp is int else int | float) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is tuple:
+        return f"a list of {_describe(args[0]).removeprefix('a ')}s"
+    if origin is dict:
+        return "a table"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
+
+
+def config_names() -> list[str]:
+    """The run configs shipped inside the package (``patchbench/configs/*.toml``)."""
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("patchbench").joinpath(
+        "configs").iterdir() if p.name.endswith(".toml"))
 
 
 def read_config(path_or_name: str | Path) -> dict[str, Any]:
-    """Reads a TOML run config: a file path, or a name in ``configs/`` (``paper-cifar10``).
+    """Reads a TOML run config: a file path, or the name of a shipped config (``paper-cifar10``).
+
+    Names resolve inside the installed package, so they work from any folder.
 
     Returns:
-        The fields it sets (lists become tuples); unknown keys are refused, naming the
-        closest valid one, so a typo never silently falls back to a default.
+        The fields it sets (lists become tuples); unknown keys and values of the wrong type
+        are refused, naming the key, so a typo never silently falls back to a default.
     """
     path = Path(path_or_name)
     if not path.is_file():
-        named = CONFIG_DIR / f"{path_or_name}.toml"
-        if not named.is_file():
-            found = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
-            raise FileNotFoundError(f"no config file {str(path_or_name)!r} and no {named}; "
-                                    f"configs here: {', '.join(found) or 'none'}")
-        path = named
+        if str(path_or_name) not in config_names():
+            raise FileNotFoundError(f"no config file {str(path_or_name)!r}, and no shipped config of "
+                                    f"that name; shipped configs: {', '.join(config_names())}")
+        path = Path(str(resources.files("patchbench").joinpath("configs", f"{path_or_name}.toml")))
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -127,4 +215,5 @@ def read_config(path_or_name: str | Path) -> dict[str, Any]:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"{path}: unknown key {key!r}{hint}; valid keys: {', '.join(sorted(names))}")
+    check_types(raw, str(path))
     return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}

@@ -18,9 +18,7 @@ import base64
 import html
 import io
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from torch import Tensor
+
+from patchbench.utils import atomic_path
 
 CELL_PIXELS = 96  # gallery pictures: about this many pixels on the longer side
 MARKS = ("", "best", "tie", "worse", "fail", "pass", "flag")
@@ -611,15 +611,5 @@ def write_report(path: Path, title: str, sections: list[Section], provenance: di
         provenance: See :func:`render_report`.
     """
     text = render_report(title, sections, provenance)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make it unreadable to the run's other readers
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
+import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from scipy import stats
 from patchbench.bench.report import Gallery, Section, Table
 from patchbench.metrics import LOCALISATION_METRICS, MAIN_METRIC, METRICS
 from patchbench.metrics.stats import bootstrap_ci, holm, normalise, paired_test, rank_agreement
+from patchbench.utils import make_temp_dir
 
 GROUP = ["dataset", "model", "operator"]
 ALPHA = 0.05
@@ -436,29 +440,103 @@ def plot_curves(curves: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def write_run(run_dir: Path, writers: dict[str, Callable[[Path], None]]) -> None:
+class RunFolderError(ValueError):
+    """A run would replace a folder that patchbench did not write."""
+
+
+def check_replaceable(run_dir: Path, marker: str = "run.json") -> None:
+    """Refuses, before any work, to replace a folder that is not an earlier run's.
+
+    A run folder may be replaced when it does not exist, is empty, or holds the ``marker``
+    file that patchbench writes into every run folder (a JSON object naming its version).
+
+    Raises:
+        RunFolderError: ``run_dir`` is a file, or a folder with other content.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.exists() and not run_dir.is_symlink():
+        return
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir} exists and is not a folder; choose another run name")
+    if not any(run_dir.iterdir()) or _is_run_marker(run_dir / marker):
+        return
+    raise RunFolderError(f"{run_dir} exists and is not a patchbench run folder (no {marker} written "
+                         "by patchbench); refusing to replace it: choose another --run or "
+                         "--results-dir, or move it away yourself")
+
+
+def _is_run_marker(path: Path) -> bool:
+    try:
+        return "patchbench_version" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Holds ``.locks/<run>.lock`` beside the run folder: one writer of a run folder at a time.
+
+    The lock file stays (removing it would let a third writer lock a new file while the
+    second still holds the old one); the kernel releases the lock when the process dies.
+    """
+    locks = run_dir.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{run_dir.name}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"patchbench: waiting for another process writing {run_dir}", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _clean_leftovers(run_dir: Path) -> None:
+    """Under the lock: staging and swap folders of this run left by a killed writer.
+
+    A writer killed between its two renames leaves the previous run in ``.<run>.old-*/run``
+    and no run folder: that run is moved back rather than lost.
+    """
+    for old in sorted(run_dir.parent.glob(f".{run_dir.name}.old-*")):
+        if not run_dir.exists() and (old / "run").is_dir():
+            os.replace(old / "run", run_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    for stage in run_dir.parent.glob(f".{run_dir.name}.staging-*"):
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_run(run_dir: Path, writers: dict[str, Callable[[Path], None]], marker: str = "run.json") -> None:
     """Writes every file of a run into a staging folder, then swaps it in as ``run_dir``.
 
     Either the whole new run folder appears or the old one stays as it was: a failure
-    while writing leaves no half-written file behind.
+    while writing leaves no half-written file behind. Writers of the same run folder take
+    turns (a lock file beside it), and a folder patchbench did not write is never replaced.
 
     Args:
         run_dir: Final folder, e.g. ``results/default``.
         writers: File name -> function writing that file to the given path.
+        marker: The file among ``writers`` that marks a folder as a patchbench run.
+
+    Raises:
+        RunFolderError: ``run_dir`` holds something else (see :func:`check_replaceable`).
     """
     run_dir = Path(run_dir)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.staging-"))
-    try:
-        for name, write in writers.items():
-            write(stage / name)
-        old = None
-        if run_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.old-"))
-            os.replace(run_dir, old / "run")
-        os.replace(stage, run_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+    with run_lock(run_dir):
+        _clean_leftovers(run_dir)
+        check_replaceable(run_dir, marker)
+        stage = make_temp_dir(run_dir.parent, f".{run_dir.name}.staging-")
+        try:
+            for name, write in writers.items():
+                write(stage / name)
+            old = None
+            if run_dir.exists():
+                old = make_temp_dir(run_dir.parent, f".{run_dir.name}.old-")
+                os.replace(run_dir, old / "run")
+            os.replace(stage, run_dir)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if stage.exists():
+                shutil.rmtree(stage, ignore_errors=True)

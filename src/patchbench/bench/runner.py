@@ -22,9 +22,11 @@ from patchbench import __version__
 from patchbench.bench.chunks import ChunkStore, MissingChunkError
 from patchbench.bench.config import BenchConfig
 from patchbench.bench.distributed import World, close_world, init_world
+from patchbench.bench.guard import ModelChangedError, WeightGuard, WeightsLostError
 from patchbench.bench.report import Gallery, write_report
 from patchbench.bench.results import (
     agreement_table,
+    check_replaceable,
     ground_truth_check,
     ground_truth_table,
     normalised_tables,
@@ -41,6 +43,7 @@ from patchbench.bench.sanity import randomisation_stages, randomised_correlation
 from patchbench.datasets import DATASETS, create_dataset
 from patchbench.datasets.base import select_samples
 from patchbench.datasets.files import FileDataset
+from patchbench.datasets.stats import train_mean_colour
 from patchbench.memory import choose_chunk, parse_bytes
 from patchbench.methods import METHODS, create_method, diffmask_train
 from patchbench.methods.diffmask import diffmask_meta
@@ -83,6 +86,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     """
     plugin_problems = _load_plugins(cfg)
     cfg.validate()
+    check_replaceable(Path(cfg.results_dir) / cfg.run)  # before minutes of work, not after
     world, device_name = init_world(cfg.device)
     out = _run(cfg, world, resolve_device(device_name), plugin_problems, progress and world.is_writer)
     close_world(world)
@@ -111,8 +115,10 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
             adapter, meta = _load_model(cfg, dataset, progress)
         _check_token_needs(cfg, adapter)
         adapter.to(device)
+        guard = WeightGuard(adapter.model)  # every method must leave the weights as they are
+        meta["weights_digest"] = guard.digest
         models[dataset] = meta
-        pixels, labels, gt_pixels, ids = _load_samples(cfg, dataset)
+        pixels, labels, gt_pixels, ids = _load_samples(cfg, dataset, adapter)
         sample_ids[dataset] = ids
         if gt_pixels.any() and tuple(pixels.shape[-2:]) != adapter.img_size:
             raise ValueError(f"{dataset} images are {tuple(pixels.shape[-2:])}, the model takes "
@@ -155,16 +161,16 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
                 method_options["diffmask"]["checkpoint"] = str(ckpt)
                 train_logs[f"diffmask_train_{dataset}.csv"] = Path(ckpt).with_suffix(".csv")
             meta["diffmask"] = {"checkpoint": str(ckpt), **diffmask_meta(ckpt)}
-        # operator options that depend on the data (the mean colour) use every rank's images
-        operators = {name: create_operator(name, **_operator_options(name, all_images, cfg,
-                                                                     method_options))
-                     for name in cfg.operators}
+        if "mean" in cfg.operators:  # a property of the dataset, the same for every run
+            meta["mean_colour"] = _mean_colour(cfg, dataset, adapter)
+        operators = {name: _create_operator(name, cfg, meta, method_options) for name in cfg.operators}
         del all_images
         meta["operators"] = {name: op.config() for name, op in operators.items()}
         with autocast(device, cfg.autocast):
             references = {name: prepare_reference(adapter, op, images, seeds, chunk, logp_clean)
                           for name, op in operators.items()}
-        data_key = {"model": model_key, "dataset": dataset, "source": _data_source(cfg, dataset),
+        data_key = {"model": model_key, "weights": guard.digest, "dataset": dataset,
+                    "source": _data_source(cfg, dataset),
                     "sample_ids": stable_hash(ids, 24), "target": cfg.target,
                     "precision": [device.type, cfg.autocast], "version": __version__,
                     "code": package_digest()}
@@ -173,9 +179,9 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
         for method_name in cfg.methods:
             try:
                 rows, frames, ms, maps = _score_method(
-                    cfg, store, data_key, adapter, method_name, method_options.get(method_name, {}),
+                    cfg, store, data_key, adapter, guard, method_name, method_options.get(method_name, {}),
                     images, target, truth, operators, references, base, ids, chunk, progress)
-            except (MissingChunkError, KeyboardInterrupt):
+            except (MissingChunkError, KeyboardInterrupt, WeightsLostError):
                 raise
             except Exception as e:  # one method's failure must not cost the others' results
                 reason = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -190,8 +196,11 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
             timing.append({"dataset": dataset, "method": method_name, "ms_per_image": ms,
                            "images": len(ids)})
         if n_sanity >= 2 and scored:
-            sanity += _sanity_rows(cfg, store, data_key, adapter, method_options, scored,
-                                   images[:n_sanity], target[:n_sanity], base, warn, progress)
+            try:
+                sanity += _sanity_rows(cfg, store, data_key, adapter, guard, method_options, scored,
+                                       images[:n_sanity], target[:n_sanity], base, warn, progress)
+            except ModelChangedError as e:
+                warn(f"patchbench: sanity check on {dataset} skipped: {e}")
         if truth.any() and "random" in scored:  # the check compares the mask with random
             checks += _ground_truth_rows(cfg, store, data_key, adapter, images, target, truth,
                                          operators, references, base, ids, chunk, progress)
@@ -345,7 +354,8 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
 
 
 def _score_method(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any], adapter: Any,
-                  name: str, options: dict[str, Any], images: Tensor, target: Tensor, truth: Tensor,
+                  guard: WeightGuard, name: str, options: dict[str, Any], images: Tensor, target: Tensor,
+                  truth: Tensor,
                   operators: dict[str, Any], references: dict[str, Any], base: dict[str, str],
                   ids: list[int], chunk: int, progress: bool
                   ) -> tuple[list[dict[str, Any]], list[pd.DataFrame], float, Tensor]:
@@ -355,6 +365,7 @@ def _score_method(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any],
         Score rows, curve frames, attribution ms per image and the maps ``[B, Hp, Wp]``.
     """
     method = create_method(name, adapter, **options)
+    guard.check(f"method {name!r}")
     device = images.device
     maps_key = {"kind": "maps", **data_key, "method": method.config(),
                 "method_code": file_digest(inspect.getsourcefile(type(method)))}
@@ -367,6 +378,7 @@ def _score_method(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any],
                     list(zip(images.split(cfg.batch_size), target.split(cfg.batch_size))),
                     desc=f"{base['dataset']}: {name}", disable=not progress, leave=False)])
         sync(device)
+        guard.check(f"method {name!r}")  # raising here stores nothing
         return {"maps": maps, "seconds": torch.tensor(time.perf_counter() - t0, dtype=torch.float64)}
 
     got = store.get(maps_key, attribute)
@@ -407,7 +419,7 @@ def _curve_rows(cfg: BenchConfig, store: ChunkStore, maps_key: dict[str, Any], a
 
 
 def _sanity_rows(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any], adapter: Any,
-                 method_options: dict[str, dict[str, Any]], names: list[str],
+                 guard: WeightGuard, method_options: dict[str, dict[str, Any]], names: list[str],
                  images: Tensor, target: Tensor, base: dict[str, str], warn: Any,
                  progress: bool) -> list[dict[str, Any]]:
     """Cascading model randomisation on the first images: one stored chunk per dataset.
@@ -428,6 +440,7 @@ def _sanity_rows(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any], 
             rho, errors = randomised_correlations(
                 adapter, factories, images, target, cfg.seed, progress, cfg.batch_size,
                 desc=f"{base['dataset']}: sanity check")
+        guard.check("a method in the sanity check")
         for name, why in errors.items():  # the verdict says "error"; the reason is told once
             warn(f"patchbench: sanity check of {name!r} on {base['dataset']} failed: {why}")
         return {"spearman": rho}
@@ -514,27 +527,47 @@ def _check_token_needs(cfg: BenchConfig, adapter: Any) -> None:
             f"(e.g. --methods {','.join(ok_m)} --operators {','.join(ok_o[:2])}).")
 
 
-def _load_samples(cfg: BenchConfig, dataset: str) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-    """Pixels, labels, ground-truth masks and sample ids: ``n_images`` stratified over classes."""
+def _load_samples(cfg: BenchConfig, dataset: str, adapter: Any
+                  ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """Pixels, labels, ground-truth masks and sample ids: ``n_images`` stratified over classes.
+
+    Images read from disk are brought to the model's input by its own transform as they
+    are read, so a folder of images of any size and mode works."""
     if issubclass(DATASETS.get(dataset), FileDataset):
         ds = create_dataset(dataset, "test", data_root=cfg.data_root, limit=cfg.n_images, seed=cfg.seed,
                             **cfg.dataset_options.get(dataset, {}))
+        ds.transform = adapter.pixel_transform()
         return (*ds.tensors(), list(ds.indices))
     pixels, labels, masks = create_dataset(dataset, "test", seed=cfg.seed).tensors()
     ids = select_samples(labels, cfg.n_images, cfg.seed)
     return pixels[ids], labels[ids], masks[ids], ids
 
 
-def _operator_options(name: str, images: Tensor, cfg: BenchConfig,
-                      method_options: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _create_operator(name: str, cfg: BenchConfig, meta: dict[str, Any],
+                     method_options: dict[str, dict[str, Any]]) -> Any:
     options = dict(cfg.operator_options.get(name, {}))
-    if name == "mean":  # the evaluated images' mean colour, in model-input space
-        options.setdefault("colour", tuple(round(v, 6) for v in images.mean((0, 2, 3)).tolist()))
+    if name == "mean":
+        options.setdefault("colour", tuple(meta["mean_colour"]["model_input"]))
     if name == "noise":
         options.setdefault("seed", cfg.seed)
     if name == "placeholder":  # DiffMask's learned vector, from the same checkpoint
         options.setdefault("checkpoint", method_options["diffmask"]["checkpoint"])
-    return options
+    try:
+        return create_operator(name, **options)
+    except (TypeError, ValueError) as e:  # a bad value in [operator_options.<name>]
+        raise ValueError(f"operator {name!r} with options {options}: {e}") from None
+
+
+def _mean_colour(cfg: BenchConfig, dataset: str, adapter: Any) -> dict[str, Any]:
+    """The ``mean`` operator's colour: the training split's mean colour, or the model's
+    normalisation mean where the dataset has no training split; in pixels and model input."""
+    colour = train_mean_colour(dataset, cfg.seed, cfg.data_root, cfg.dataset_options.get(dataset))
+    if colour is None:
+        colour = {"rgb": list(adapter.mean),
+                  "source": f"the model's normalisation mean ({dataset} has no training split)"}
+    pixels = torch.tensor(colour["rgb"], dtype=torch.float32).view(1, -1, 1, 1)
+    model_input = adapter.normalize(pixels).flatten().tolist()
+    return {**colour, "model_input": [round(v, 6) for v in model_input]}
 
 
 def _method_options(name: str, cfg: BenchConfig) -> dict[str, Any]:

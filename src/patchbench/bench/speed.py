@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from patchbench import __version__
 from patchbench.bench.config import DEFAULT_METHODS, BenchConfig
 from patchbench.bench.results import write_run
 from patchbench.memory import choose_chunk, format_bytes, parse_bytes, peak_rss, reset_peak_rss, row_bytes
@@ -234,7 +235,7 @@ def run_speed(cfg: SpeedConfig, progress: bool = True, pretrained: bool = False,
     bench_cfg.validate()
     adapter, meta = _load_model(bench_cfg, cfg.dataset, progress)
     adapter.to(device)
-    pixels, _, _, ids = _load_samples(bench_cfg, cfg.dataset)
+    pixels, _, _, ids = _load_samples(bench_cfg, cfg.dataset, adapter)
     images = adapter.prepare(pixels).to(device)
     amp = cfg.autocast
     with autocast(device, amp):
@@ -352,7 +353,7 @@ def run_speed(cfg: SpeedConfig, progress: bool = True, pretrained: bool = False,
         "speed.md": lambda f: f.write_text(markdown),
         "speed.csv": lambda f: df.to_csv(f, index=False),
         "speed.json": lambda f: write_json(f, context),
-    })
+    }, marker="speed.json")
     return {"markdown": markdown, "rows": df, "out": out, "context": context}
 
 
@@ -376,6 +377,7 @@ def _context(cfg: SpeedConfig, adapter: Any, meta: dict[str, Any], device: torch
     prov = provenance()
     return {
         **prov,
+        "patchbench_version": __version__,
         "config": asdict(cfg),
         "model": meta.get("key", cfg.model),
         "input": list(images.shape[1:]),

@@ -51,8 +51,19 @@ class GroundTruthDataset(Dataset):
         """One sample: image ``[H, W, 3]`` float32 in [0, 1], label, mask ``[H, W]`` bool."""
         raise NotImplementedError
 
+    has_train_split = True
+
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "split": self.split, "size": self.size, "seed": self.seed}
+
+    def mean_colour(self) -> tuple[float, float, float]:
+        """Mean RGB in [0, 1] over every pixel of every sample of this split."""
+        total, count = torch.zeros(3, dtype=torch.float64), 0
+        for i in range(self.size):
+            image = self[i][0].double()
+            total += image.sum((1, 2))
+            count += image[0].numel()
+        return tuple(float(v) for v in total / count)
 
     def tensors(self, indices: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Stacked images ``[N, 3, H, W]``, labels ``[N]`` and masks ``[N, H, W]``."""

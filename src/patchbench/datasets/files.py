@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,19 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class FileDataset(Dataset):
-    """Common part: labels known up front, images loaded per index, optional stratified limit."""
+    """Common part: labels known up front, images loaded per index, optional stratified limit.
+
+    Attributes:
+        transform: Brings each image, as it is read, to the model's input: PIL image ->
+            ``[3, H, W]`` in [0, 1] (the model adapter's ``pixel_transform()``), so images of
+            any size and mode work. Without one, images keep their own size.
+    """
 
     name = "files"
     has_ground_truth = False
+    has_train_split = True
     num_classes = 0
+    transform: Callable[[Any], Tensor] | None = None
 
     def __init__(self, labels: list[int], limit: int | None, seed: int) -> None:
         self.seed = seed
@@ -47,9 +56,27 @@ class FileDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, i: int) -> tuple[Tensor, int, Tensor]:
-        image = torch.from_numpy(np.array(self.load(self.indices[i]), dtype=np.uint8))
-        image = image.permute(2, 0, 1).float() / 255
+        pixels = np.array(self.load(self.indices[i]), dtype=np.uint8)
+        if self.transform is not None:
+            from PIL import Image
+
+            image = self.transform(Image.fromarray(pixels))
+        else:
+            image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
         return image, int(self.labels[i]), torch.zeros(image.shape[1:], dtype=torch.bool)
+
+    def mean_colour(self) -> tuple[float, float, float]:
+        """Mean RGB in [0, 1] over every pixel of every image of this split, as stored."""
+        total, count = np.zeros(3), 0
+        for index in self.indices:
+            pixels = np.asarray(self.load(index), dtype=np.float64).reshape(-1, 3)
+            total += pixels.sum(0)
+            count += len(pixels)
+        return tuple(float(v) for v in total / count / 255)
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the files read, beyond their root folder (part of cache keys)."""
+        return {}
 
     def tensors(self, indices: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Stacked images ``[N, 3, H, W]``, labels ``[N]`` and (empty) masks ``[N, H, W]``."""
@@ -57,7 +84,7 @@ class FileDataset(Dataset):
         shapes = {tuple(s[0].shape) for s in samples}
         if len(shapes) > 1:
             raise ValueError(f"{self.name}: images have different sizes {sorted(shapes)[:4]}; "
-                             "resize them to the model's input size first")
+                             "give the dataset the model's transform (adapter.pixel_transform())")
         images, labels, masks = zip(*samples)
         return torch.stack(images), torch.tensor(labels), torch.stack(masks)
 
@@ -95,10 +122,10 @@ class Cifar10(FileDataset):
         missing = [n for n in names[split] if not (root / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{root} has no {', '.join(missing)}; expected {CIFAR_LAYOUT}")
+        self.files = [root / n for n in names[split]]
         data, labels = [], []
         for n in names[split]:
-            with open(root / n, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+            batch = read_cifar_pickle(root / n)
             try:
                 data.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 labels += [int(v) for v in batch[b"labels"]]
@@ -109,12 +136,60 @@ class Cifar10(FileDataset):
         self.classes = [str(i) for i in range(10)]
         meta = root / "batches.meta"
         if meta.is_file():
-            with open(meta, "rb") as f:
-                self.classes = [c.decode() for c in pickle.load(f, encoding="bytes")[b"label_names"]]
+            try:
+                self.classes = [c.decode() for c in read_cifar_pickle(meta)[b"label_names"]]
+            except (KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{meta} is not CIFAR-10 metadata (expected b'label_names', a list "
+                                 f"of bytes): {e}") from None
         super().__init__(labels, limit, seed)
 
     def load(self, index: int) -> np.ndarray:
         return self.data[index]
+
+    def mean_colour(self) -> tuple[float, float, float]:
+        data = self.data[self.indices].reshape(-1, 3)
+        return tuple(float(v) for v in data.mean(0, dtype=np.float64) / 255)
+
+    def identity(self) -> dict[str, Any]:
+        return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in self.files]}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: a CIFAR batch from a stranger cannot run code.
+
+    ``pickle.load`` calls whatever callable a file names; here any name outside the few a
+    numpy array needs is refused before it is looked up.
+    """
+
+    # _codecs.encode rebuilds bytes in protocol-2 pickles written by Python 3 (as torch's
+    # weights_only loader also allows); it only converts a string to bytes
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               *((f"numpy.{core}.multiarray", n) for core in ("core", "_core")
+                 for n in ("_reconstruct", "scalar")),
+               *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core"))}  # protocol 5
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, and a CIFAR-10 batch holds only "
+                                         "dicts, lists, bytes, strings, numbers and numpy arrays")
+        return super().find_class(module, name)
+
+
+def read_cifar_pickle(path: Path) -> dict:
+    """A CIFAR-10 python batch, read without running code from the file.
+
+    Raises:
+        ValueError: The file is truncated, not a pickle, names anything but plain data and
+            numpy arrays, or is not a dict; the message names the file.
+    """
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except Exception as e:  # a damaged pickle fails in many ways; all mean "not a batch"
+        raise ValueError(f"{path} is not a readable CIFAR-10 batch: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 batch: it holds a {type(obj).__name__}, not a dict")
+    return obj
 
 
 @DATASETS.register("imagefolder")
@@ -134,6 +209,7 @@ class ImageFolder(FileDataset):
     """
 
     name = "imagefolder"
+    has_train_split = False  # the folder is the split it was given
 
     def __init__(self, split: str = "test", data_root: str | Path | None = None,
                  class_index: str | Path | None = None, limit: int | None = None,
@@ -168,8 +244,11 @@ class ImageFolder(FileDataset):
     def load(self, index: int) -> np.ndarray:
         from PIL import Image
 
-        with Image.open(self.paths[index]) as im:
-            return np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(self.paths[index]) as im:
+                return np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            raise ValueError(f"{self.paths[index]} is not a readable image: {e}") from None
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "n": len(self), "seed": self.seed}

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from patchbench.methods.diffmask import DiffMaskExplainer, hard_concrete_sample, log_prob_nonzero
 from patchbench.models.adapter import ViTAdapter
-from patchbench.utils import atomic_path, cache_dir, stable_hash
+from patchbench.utils import atomic_path, cache_dir, load_cached, stable_hash
 
 
 @dataclass(frozen=True)
@@ -296,11 +296,12 @@ def train_or_load(adapter: ViTAdapter, dataset: str, cfg: DiffMaskConfig | None 
     source = {"data_root": str(Path(data_root).resolve()) if data_root else None, "n_train": n_train,
               **(dataset_options or {})} if on_disk else None
     path = checkpoint_path(adapter.key, dataset, cfg, source)
-    if path.exists():
+    if load_cached(path, ("explainer", "meta"), "DiffMask explainer") is not None:
         return path
     if on_disk:
         train = create_dataset(dataset, "train", data_root=data_root, limit=n_train, seed=cfg.seed,
                                **(dataset_options or {}))
+        train.transform = adapter.pixel_transform()  # as the benchmark reads its images
         images: Tensor | PreparedImages = PreparedImages(train, adapter)
     else:
         train = create_dataset(dataset, "train", size=n_train, seed=cfg.seed)

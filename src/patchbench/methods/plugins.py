@@ -89,23 +89,36 @@ def contract_problem(cls: type) -> str | None:
     return None
 
 
+def _registries() -> list[Any]:
+    """Every registry a plugin module may add to (methods, datasets, operators, models)."""
+    from patchbench.datasets import DATASETS
+    from patchbench.models import MODELS, OPERATORS
+
+    return [METHODS, DATASETS, OPERATORS, MODELS]
+
+
+def _registered() -> set[tuple[int, str]]:
+    return {(i, name) for i, r in enumerate(_registries()) for name in r.list()}
+
+
 def _add(label: str, load: Callable[[], Any], name: str | None = None) -> list[str]:
-    before = set(METHODS.list())
+    before = _registered()
     try:
         obj = load()
     except Exception as e:  # a broken plugin must not stop the others
-        for added in set(METHODS.list()) - before:  # nothing half-loaded stays registered
-            METHODS.unregister(added)
+        registries = _registries()
+        for i, added in _registered() - before:  # nothing half-loaded stays registered
+            registries[i].unregister(added)
         return [f"plugin {label} failed to load: {type(e).__name__}: {e}"]
     if isinstance(obj, ModuleType):
-        if set(METHODS.list()) - before:
-            return []  # it registered its methods itself
+        if _registered() - before:
+            return []  # it registered its components (methods, datasets, ...) itself
         # otherwise: the Method subclasses it defines, each under its ``name``
         defined = [c for c in vars(obj).values() if isinstance(c, type) and issubclass(c, Method)
                    and c.__module__ == obj.__name__ and c._attribute is not Method._attribute]
         if not defined:
             return [f"plugin {label} defines no Method subclass overriding _attribute and registers "
-                    "no method"]
+                    "no method, dataset, operator or model"]
         return [p for c in defined for p in _add(f"{label}:{c.__name__}", lambda c=c: c)]
     problem = contract_problem(obj)
     if problem:

@@ -11,11 +11,12 @@ register tokens, DeiT's distillation token and non-square grids work unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 
@@ -116,9 +117,32 @@ class ImageAdapter:
         std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
         return (images - mean) / std
 
+    def pixel_transform(self) -> Callable[[Image.Image], Tensor]:
+        """The model's own evaluation transform, without normalisation: a PIL image of any
+        size and mode -> pixels ``[3, H, W]`` in [0, 1] at the model's input size.
+
+        It is timm's ``create_transform`` for the model's data config (``crop_pct``,
+        ``crop_mode`` including ``squash`` and ``border``, ``interpolation``), so images read
+        from disk are resized and cropped exactly as timm evaluates the model; :meth:`prepare`
+        then only normalises them.
+        """
+        from timm.data import create_transform
+
+        cfg = self.data_config
+        tf = create_transform(input_size=(3, *self.img_size), is_training=False,
+                              interpolation=cfg.get("interpolation", "bicubic"),
+                              crop_pct=cfg.get("crop_pct", 1.0), crop_mode=cfg.get("crop_mode"),
+                              mean=self.mean, std=self.std, normalize=False)
+        # without normalisation timm gives uint8 [3, H, W]; / 255 is ToTensor's scaling
+        return lambda image: tf(image.convert("RGB")).float() / 255
+
     def prepare(self, images: Tensor) -> Tensor:
         """Pixel images in [0, 1] of any size -> model inputs: resized and centre-cropped by
-        the model's data config when their size differs from the model's, then normalised."""
+        the model's data config when their size differs from the model's, then normalised.
+
+        Images read from files are better brought to size by :meth:`pixel_transform` as
+        they are read (it is exactly timm's, on the decoded image); this tensor path is for
+        callers holding tensors already."""
         if tuple(images.shape[-2:]) != self.img_size:
             from patchbench.models.hub import resize_for_model
 
@@ -137,13 +161,47 @@ class ImageAdapter:
         pooled = F.max_pool2d(pixel_mask.float().unsqueeze(1), self.patch_size)
         return pooled.squeeze(1) > 0
 
+    forward_rows: int | None = None  # set by fixed_rows(): every pass runs exactly this many rows
+
+    @contextmanager
+    def fixed_rows(self, rows: int | None) -> Iterator[None]:
+        """While active, :meth:`logits` and the token forward passes run in blocks of exactly
+        ``rows`` rows (the last block padded), so a row's result does not depend on how many
+        rows share its pass: on a CPU the matrix kernels round differently for different
+        batch sizes, which moved scores with ``--chunk-size`` and ``--n-images``.
+
+        Args:
+            rows: Rows per forward pass, or None for no blocking.
+        """
+        previous, self.forward_rows = self.forward_rows, rows
+        try:
+            yield
+        finally:
+            self.forward_rows = previous
+
     def logits(self, images: Tensor) -> Tensor:
         """Model output ``[B, C]`` for model inputs ``[B, 3, H, W]``."""
-        return self.model(images)
+        return in_blocks(self.model, self.forward_rows, images)
 
 
     def _check_model(self, model: nn.Module) -> None:
         """Refuses a model this adapter cannot serve (subclasses check their structure)."""
+
+
+def in_blocks(fn: Callable[..., Tensor], rows: int | None, *tensors: Tensor) -> Tensor:
+    """``fn(*tensors)`` computed in blocks of exactly ``rows`` rows; the last block is padded
+    with copies of its first row, whose results are dropped. ``rows=None``: one call."""
+    n = tensors[0].shape[0]
+    if rows is None or n == rows:
+        return fn(*tensors)
+    out = []
+    for start in range(0, n, rows):
+        part = [t[start:start + rows] for t in tensors]
+        k = part[0].shape[0]
+        if k < rows:
+            part = [torch.cat([t, t[:1].expand(rows - k, *t.shape[1:])]) for t in part]
+        out.append(fn(*part)[:k])
+    return torch.cat(out)
 
 
 def _feature_stride(model: nn.Module) -> int | None:
@@ -246,6 +304,15 @@ class ViTAdapter(ImageAdapter):
             Logits ``[B, C]``, and with ``hidden`` the list of hidden states: h0 ``[B, P, D]``,
             then the input of every block and the output of the last one ``[B, N, D]``.
         """
+        if self.forward_rows is not None and not hidden:
+            args = (h0,) if keep_index is None else (h0, keep_index)
+            return in_blocks(self._forward_embeddings, self.forward_rows, *args)
+        return self._forward_embeddings(h0, keep_index, hidden)
+
+    def _forward_embeddings(
+        self, h0: Tensor, keep_index: Tensor | None = None, hidden: bool = False
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """One forward pass of :meth:`forward_embeddings`, whatever the number of rows."""
         x = self._add_positions(h0)
         if keep_index is not None:
             npt = self.num_prefix_tokens

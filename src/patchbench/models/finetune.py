@@ -96,6 +96,7 @@ def finetune(model: str, dataset: str, data_root: str, out: str | Path,
     num_classes = train.num_classes or int(train.labels.max()) + 1
     torch.manual_seed(cfg.seed)  # a new classifier's init
     adapter, meta = create_timm_model(model, pretrained, checkpoint)
+    train.transform = adapter.pixel_transform()  # images of any size, as timm evaluates
     net = adapter.model
     if net.num_classes != num_classes:
         net.reset_classifier(num_classes)
@@ -159,6 +160,7 @@ def finetune(model: str, dataset: str, data_root: str, out: str | Path,
     if step >= total:
         test = create_dataset(dataset, "test", data_root=eval_data_root or data_root,
                               limit=cfg.eval_images, seed=cfg.seed)
+        test.transform = train.transform
         # an image folder is its own split: without eval_data_root this is training-set accuracy
         name = "train_folder_accuracy" if dataset == "imagefolder" and not eval_data_root else "test_accuracy"
         metrics["eval_images"] = len(test)

@@ -8,7 +8,7 @@ blocks, head, attention), so every method and operator works on them unchanged.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,9 +45,20 @@ class HFViTAdapter(ViTAdapter):
             and ``interpolation``.
     """
 
+    processor: Any = None  # the model's image processor, when it has one
+
     def __init__(self, hf_model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
                  key: str = "", data_config: dict | None = None) -> None:
         super().__init__(HFLogits(hf_model), mean, std, key, data_config)
+
+    def pixel_transform(self) -> Callable[[Any], Tensor]:
+        """The model's image processor without its normalisation (resize, rescale to [0, 1]);
+        timm's squash resize to the model's size where the model has no processor."""
+        if self.processor is None:
+            return super().pixel_transform()
+        proc = self.processor
+        return lambda image: proc(images=image.convert("RGB"), do_normalize=False,
+                                  return_tensors="pt")["pixel_values"][0].float()
 
     def _check_model(self, model: nn.Module) -> None:
         from patchbench.models.adapter import NotAViTError
@@ -167,10 +178,11 @@ def create_hf_model(name: str) -> tuple[HFViTAdapter, dict[str, Any]]:
         raise FileNotFoundError(f"{source} is not a save_pretrained folder: expected config.json and "
                                 "model.safetensors (or pytorch_model.bin) in it")
     model = ViTForImageClassification.from_pretrained(source)
-    mean, std, size, interpolation = _processor_config(source, model.config)
-    data_config = {"input_size": (3, *size), "crop_pct": 1.0, "interpolation": interpolation,
-                   "mean": mean, "std": std}
+    processor, (mean, std, size, interpolation) = _processor_config(source, model.config)
+    data_config = {"input_size": (3, *size), "crop_pct": 1.0, "crop_mode": "squash",
+                   "interpolation": interpolation, "mean": mean, "std": std}
     adapter = HFViTAdapter(model, mean, std, key=_key(source), data_config=data_config)
+    adapter.processor = processor
     if tuple(size) != adapter.img_size:
         raise ValueError(f"{source}: the image processor resizes to {tuple(size)} but the model "
                          f"takes {adapter.img_size}")
@@ -178,9 +190,9 @@ def create_hf_model(name: str) -> tuple[HFViTAdapter, dict[str, Any]]:
                      "data_config": data_config}
 
 
-def _processor_config(source: str, config: Any) -> tuple[tuple, tuple, tuple[int, int], str]:
-    """Mean, std, size and interpolation from the model's image processor, or ViT's defaults
-    (mean = std = 0.5, bilinear resize to the model's size) when it has none."""
+def _processor_config(source: str, config: Any) -> tuple[Any, tuple[tuple, tuple, tuple[int, int], str]]:
+    """The model's image processor (or None) and its mean, std, size and interpolation, or
+    ViT's defaults (mean = std = 0.5, bilinear resize to the model's size) without one."""
     size = config.image_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     mean, std, interpolation = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear"
@@ -189,7 +201,7 @@ def _processor_config(source: str, config: Any) -> tuple[tuple, tuple, tuple[int
 
         proc = AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError):
-        return mean, std, size, interpolation
+        return None, (mean, std, size, interpolation)
     mean = tuple(getattr(proc, "image_mean", None) or mean)
     std = tuple(getattr(proc, "image_std", None) or std)
     s = getattr(proc, "size", None) or {}
@@ -198,7 +210,7 @@ def _processor_config(source: str, config: Any) -> tuple[tuple, tuple, tuple[int
     resample = getattr(proc, "resample", None)
     interpolation = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(resample), "bilinear") \
         if resample is not None else interpolation
-    return mean, std, size, interpolation
+    return proc, (mean, std, size, interpolation)
 
 
 def _key(source: str) -> str:

@@ -30,7 +30,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # SafetensorError, or OSError/ValueError on a truncated header
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or "
+                                  f"damaged?): {e}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors come in many types

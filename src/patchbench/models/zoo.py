@@ -7,6 +7,7 @@ of them trains a new model and a second run with the same settings reuses the ca
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from patchbench.datasets import create_dataset
 from patchbench.models.adapter import ViTAdapter
 from patchbench.registry import Registry
-from patchbench.utils import atomic_path, cache_dir, stable_hash
+from patchbench.utils import atomic_path, cache_dir, load_cached, stable_hash
 
 MODELS: Registry[nn.Module] = Registry("model")
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -123,10 +124,9 @@ def load_model(arch: str = "pb-vit-tiny", dataset: str = "glyphs",
     MODELS.get(arch)  # unknown names fail here, listing the valid ones
     key = model_key(arch, dataset, cfg)
     path = checkpoint_path(key)
-    if path.exists():
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = build(arch, dataset)
-        model.load_state_dict(ckpt["state_dict"])
+    ckpt = load_cached(path, ("state_dict", "meta"), "model")
+    model = build(arch, dataset)
+    if ckpt is not None and _loads(model, ckpt["state_dict"]):
         meta = ckpt["meta"]
     elif train_if_missing:
         model, metrics = train_model(arch, dataset, cfg, progress=progress)
@@ -137,3 +137,13 @@ def load_model(arch: str = "pb-vit-tiny", dataset: str = "glyphs",
     else:
         raise FileNotFoundError(f"no cached model {key} at {path}; run `patchbench train`")
     return ViTAdapter(model.eval(), MEAN, STD, key=key), meta
+
+
+def _loads(model: nn.Module, state: Any) -> bool:
+    try:
+        model.load_state_dict(state)
+        return True
+    except (RuntimeError, TypeError, AttributeError) as e:  # wrong keys or shapes: rebuild it
+        print(f"patchbench: warning: cached model weights do not fit ({' '.join(str(e).split())[:200]}); "
+              "training it again", file=sys.stderr)
+        return False
