@@ -1,7 +1,7 @@
 """Regression check on faithfulness scores: a small deterministic run against a stored reference.
 
 ``results/reference/<config>.json`` holds the per-(dataset, operator, method, metric) mean
-scores of a run of ``configs/<config>.toml``. :func:`regress` runs the config again (always
+scores of a run of a shipped config (or a config file). :func:`regress` runs the config again (always
 recomputing: stored chunks are not trusted here) and fails with a table of what moved more
 than the tolerance; ``update=True`` accepts the new scores as the reference.
 """
@@ -21,9 +21,12 @@ REFERENCE_DIR = Path("results/reference")
 # Allowed |now - reference| per kind of score: twice the largest shift measured when every model
 # and explainer was retrained with 1 CPU thread instead of 2 (another float reduction order, as
 # another machine gives); two runs on one machine are byte-identical. See docs/regression.md.
-TOLERANCE = {"auroc": 0.07, "prob_auc": 0.07, "srg": 0.11, "kl_auc": 0.55,
-             # not measured that way yet: a share over 40 images, where one image is 0.025
-             "pointing_game": 0.15, "relevance_mass": 0.07}
+# twice the largest shift measured when the models and explainers are retrained on another
+# CPU (AMD EPYC -> Intel Xeon, same packages; docs/regression.md): scores on one machine are
+# byte-identical, so every shift under this comes from retraining, and breaking a method
+# (rollout's maps shuffled: SRG 0.77 -> about 0) is far beyond it
+TOLERANCE = {"auroc": 0.18, "prob_auc": 0.15, "srg": 0.22, "kl_auc": 1.2,
+             "pointing_game": 0.34, "relevance_mass": 0.16}
 
 
 def score_kind(key: str) -> str:
@@ -71,7 +74,7 @@ def regress(config: str, reference_dir: str | Path = REFERENCE_DIR, update: bool
     """Runs ``config`` and compares it with its reference (or writes the reference).
 
     Args:
-        config: A config name in ``configs/`` or a path.
+        config: A shipped config name or a path.
         reference_dir: Folder of the ``<config>.json`` references.
         update: Accept the scores of this run as the new reference.
         progress: Progress bars.
