@@ -8,8 +8,7 @@ import sys
 import time
 from dataclasses import fields
 
-from patchbench.bench.chunks import MissingChunkError
-from patchbench.bench.guard import WeightsLostError
+from patchbench.errors import MissingChunkError, WeightsLostError
 from patchbench.registry import UnknownNameError
 
 
@@ -130,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--reference-dir", default="results/reference", help="(default: %(default)s)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    from patchbench.bench.speed import SpeedConfig
+    from patchbench.bench.config import SpeedConfig
 
     sp = SpeedConfig()
     s = sub.add_parser("speed", help="measure the harness against the forward-pass bound, a naive loop "
@@ -232,7 +231,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _speed(args: argparse.Namespace) -> int:
-    from patchbench.bench.speed import SpeedConfig, run_speed
+    from patchbench.bench.config import SpeedConfig
+    from patchbench.bench.speed import run_speed
 
     names = {f.name for f in fields(SpeedConfig)}
     cfg = SpeedConfig(**{k: v for k, v in vars(args).items() if k in names})

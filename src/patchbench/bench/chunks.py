@@ -17,13 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from patchbench.errors import MissingChunkError
 from patchbench.utils import atomic_path, stable_hash
 
+__all__ = ["ChunkStore", "MissingChunkError", "checksum"]
+
 OVERWRITE = ("never", "missing", "always")
-
-
-class MissingChunkError(RuntimeError):
-    """``overwrite="never"`` and a result is not in the store."""
 
 
 def checksum(payload: dict[str, Tensor]) -> str:

@@ -217,3 +217,25 @@ def read_config(path_or_name: str | Path) -> dict[str, Any]:
             raise ValueError(f"{path}: unknown key {key!r}{hint}; valid keys: {', '.join(sorted(names))}")
     check_types(raw, str(path))
     return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+
+
+@dataclass
+class SpeedConfig:
+    """What ``patchbench speed`` measures on (defaults: the default benchmark's model)."""
+
+    model: str = "pb-vit-tiny"
+    dataset: str = "glyphs"
+    n_images: int = 64
+    steps: int | None = None  # one patch per step: the granularity Quantus works at
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    operators: tuple[str, ...] = ("mean", "blur", "drop")
+    batch_size: int = 32  # images per attribution call
+    chunk_size: int | None = None  # as in `bench`: 64 rows on CPU, 1024 on GPU
+    memory_budget: str | None = None
+    slow_images: int | None = None  # images for the naive loop and Quantus (default: all)
+    quantus: bool = True
+    repeats: int = 3
+    device: str = "auto"
+    autocast: str | None = None
+    seed: int = 0
+    out: str = "results/speed"

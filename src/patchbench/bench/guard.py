@@ -11,15 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from patchbench.errors import ModelChangedError, WeightsLostError
 from patchbench.utils import weights_digest
 
-
-class ModelChangedError(RuntimeError):
-    """A method changed the model's weights (they have been restored): that method fails."""
-
-
-class WeightsLostError(RuntimeError):
-    """The weights could not be put back: the whole run must stop."""
+__all__ = ["ModelChangedError", "WeightGuard", "WeightsLostError"]
 
 
 class WeightGuard:

@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from patchbench import __version__
-from patchbench.bench.config import DEFAULT_METHODS, BenchConfig
+from patchbench.bench.config import BenchConfig, SpeedConfig
 from patchbench.bench.results import write_run
 from patchbench.memory import choose_chunk, format_bytes, parse_bytes, peak_rss, reset_peak_rss, row_bytes
 from patchbench.metrics import faithfulness_curves, log_probs, prepare_reference
@@ -37,28 +37,6 @@ from patchbench.utils import autocast, provenance, resolve_device, seed_everythi
 
 GOAL_BOUND_RATIO = 1.2
 GOAL_SPEEDUP = 20.0
-
-
-@dataclass
-class SpeedConfig:
-    """What ``patchbench speed`` measures on (defaults: the default benchmark's model)."""
-
-    model: str = "pb-vit-tiny"
-    dataset: str = "glyphs"
-    n_images: int = 64
-    steps: int | None = None  # one patch per step: the granularity Quantus works at
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    operators: tuple[str, ...] = ("mean", "blur", "drop")
-    batch_size: int = 32  # images per attribution call
-    chunk_size: int | None = None  # as in `bench`: 64 rows on CPU, 1024 on GPU
-    memory_budget: str | None = None
-    slow_images: int | None = None  # images for the naive loop and Quantus (default: all)
-    quantus: bool = True
-    repeats: int = 3
-    device: str = "auto"
-    autocast: str | None = None
-    seed: int = 0
-    out: str = "results/speed"
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 1, warmup: bool = False

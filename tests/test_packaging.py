@@ -1,0 +1,60 @@
+"""Packaging as users expect: every imported third-party package is declared, py.typed and the
+configs ship, and `patchbench --help` answers without importing torch."""
+
+import ast
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import patchbench
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "patchbench"
+# import name -> distribution name, where they differ
+DISTRIBUTION = {"PIL": "pillow", "pytorch_grad_cam": "grad-cam", "cv2": "opencv-python-headless"}
+
+
+def imported_top_levels() -> set[str]:
+    names = set()
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def declared() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = [*project["dependencies"], *(d for extra in project["optional-dependencies"].values()
+                                         for d in extra)]
+    return {s.split(">")[0].split("=")[0].split("<")[0].split("[")[0].strip().lower() for s in specs}
+
+
+def test_every_imported_third_party_package_is_declared():
+    stdlib = set(sys.stdlib_module_names) | {"patchbench", "__future__"}
+    third_party = {DISTRIBUTION.get(n, n).lower() for n in imported_top_levels() - stdlib}
+    assert {"torch", "pillow", "safetensors"} <= third_party  # the scan sees real imports
+    assert third_party - declared() == set()
+
+
+def test_py_typed_and_configs_ship_with_the_package():
+    package = Path(patchbench.__file__).parent
+    assert (package / "py.typed").is_file()
+    assert {p.stem for p in (package / "configs").glob("*.toml")} >= {"default", "ci"}
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert set(data["patchbench"]) == {"configs/*.toml", "py.typed"}
+
+
+def test_help_does_not_import_torch(tmp_path):
+    code = ("import sys\nfrom patchbench.cli import main\n"
+            "for args in (['--help'], ['bench', '--help'], ['speed', '--help'], ['train', '--help']):\n"
+            "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'timm', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage: patchbench" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"
