@@ -173,7 +173,7 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
                     "source": _data_source(cfg, dataset),
                     "sample_ids": stable_hash(ids, 24), "target": cfg.target,
                     "precision": [device.type, cfg.autocast], "version": __version__,
-                    "code": package_digest()}
+                    "code": source_digest(*CORE_SOURCES)}
         scored: list[str] = []  # the methods that did not fail, for the checks
         n_sanity = min(cfg.sanity_images, len(ids)) if world.rank == 0 else 0
         for method_name in cfg.methods:
@@ -402,7 +402,9 @@ def _curve_rows(cfg: BenchConfig, store: ChunkStore, maps_key: dict[str, Any], a
     device = images.device
     rows, frames = [], []
     for op_name, op in operators.items():
-        curves_key = {**maps_key, "kind": "curves", "operator": op.config(), "steps": cfg.steps}
+        curves_key = {**maps_key, "kind": "curves", "operator": op.config(), "steps": cfg.steps,
+                      "harness_code": source_digest(*HARNESS_SOURCES),
+                      "operator_code": file_digest(inspect.getsourcefile(type(op)))}
 
         def score(op: Any = op, op_name: str = op_name) -> dict[str, Tensor]:
             with autocast(device, cfg.autocast):
@@ -431,6 +433,7 @@ def _sanity_rows(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any], 
     """
     stages = randomisation_stages(adapter)
     key = {"kind": "sanity", **data_key, "images": len(images), "seed": cfg.seed, "stages": stages,
+           "sanity_code": source_digest("bench/sanity.py"),
            "methods": {m: {"options": method_options.get(m, {}),
                            "code": file_digest(inspect.getsourcefile(METHODS.get(m)))} for m in names}}
 
@@ -468,19 +471,22 @@ def _ground_truth_rows(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, 
     return rows
 
 
-@functools.cache
-def package_digest() -> str:
-    """Hash of patchbench's own source: stored results are never reused across code changes."""
-    h = hashlib.sha256()
+# Chunk keys hold the source their results depend on, and nothing else: editing the report,
+# the tables, the CLI or the statistics keeps every stored map and curve. Beyond these, a
+# maps key holds the method's own file, a curves key the operator's (plugins' too).
+CORE_SOURCES = ("models/adapter.py", "models/hf.py", "methods/base.py", "datasets/base.py",
+                "datasets/synthetic.py", "datasets/files.py", "utils.py")  # the model, the data
+HARNESS_SOURCES = ("metrics/faithfulness.py", "metrics/functional.py")  # curves and their scores
+
+
+def source_digest(*paths: str) -> str:
+    """Hash of patchbench source files, given relative to the package (``models/adapter.py``)."""
     root = Path(__file__).resolve().parents[1]
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    return stable_hash([file_digest(str(root / p)) for p in paths], 16)
 
 
 def file_digest(path: str | None) -> str | None:
-    """Hash of a method's source file (a plugin's code is not in the package digest)."""
+    """Hash of one source file (a method's or an operator's, plugins' included)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else None
 
 
