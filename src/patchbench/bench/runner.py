@@ -40,14 +40,12 @@ from patchbench.bench.results import (
     write_run,
 )
 from patchbench.bench.sanity import randomisation_stages, randomised_correlations, sanity_rows
+from patchbench.context import RunContext, options_from_run
 from patchbench.datasets import DATASETS, create_dataset
 from patchbench.datasets.base import select_samples
 from patchbench.datasets.files import FileDataset
-from patchbench.datasets.stats import train_mean_colour
 from patchbench.memory import choose_chunk, parse_bytes
-from patchbench.methods import METHODS, create_method, diffmask_train
-from patchbench.methods.diffmask import diffmask_meta
-from patchbench.methods.diffmask_train import DiffMaskConfig
+from patchbench.methods import METHODS, create_method
 from patchbench.metrics import (
     CURVES,
     faithfulness_curves,
@@ -58,7 +56,7 @@ from patchbench.metrics import (
     relevance_mass,
 )
 from patchbench.metrics.faithfulness import Curves
-from patchbench.models import create_operator, load_model
+from patchbench.models import OPERATORS, create_operator, load_model
 from patchbench.models.hub import create_model, resize_for_model
 from patchbench.models.zoo import MODELS, TrainConfig
 from patchbench.utils import (
@@ -144,26 +142,11 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
         model_key = meta["key"]
         base = {"model": model_key, "dataset": dataset}
         seeds = torch.tensor(ids)
-        method_options = {m: _method_options(m, cfg) for m in cfg.methods}
-        if "diffmask" in cfg.methods or "placeholder" in cfg.operators:
-            ckpt = method_options.setdefault("diffmask", {}).get("checkpoint")
-            if ckpt is None:
-                if dataset == "imagefolder" and not cfg.train_data_root:
-                    raise ValueError("DiffMask trains on a train split, and an image folder has none: "
-                                     "give --train-data-root (e.g. ImageNet's train/ folder), or "
-                                     "a trained explainer in method_options.diffmask.checkpoint")
-                dm_cfg = DiffMaskConfig(**{"seed": cfg.seed, **cfg.diffmask_config})
-                with world.local_rank0_first():
-                    ckpt = diffmask_train.train_or_load(
-                        adapter, dataset, dm_cfg, progress=progress,
-                        data_root=cfg.train_data_root or cfg.data_root,
-                        dataset_options=cfg.dataset_options.get(dataset, {}))
-                method_options["diffmask"]["checkpoint"] = str(ckpt)
-                train_logs[f"diffmask_train_{dataset}.csv"] = Path(ckpt).with_suffix(".csv")
-            meta["diffmask"] = {"checkpoint": str(ckpt), **diffmask_meta(ckpt)}
-        if "mean" in cfg.operators:  # a property of the dataset, the same for every run
-            meta["mean_colour"] = _mean_colour(cfg, dataset, adapter)
-        operators = {name: _create_operator(name, cfg, meta, method_options) for name in cfg.operators}
+        # each method and operator takes what it needs from the run through its own hook
+        run = RunContext(cfg, dataset, adapter, meta, train_logs, progress, world.local_rank0_first)
+        method_options = {m: options_from_run(METHODS.get(m), run, cfg.method_options.get(m, {}))
+                          for m in cfg.methods}
+        operators = {name: _create_operator(name, run) for name in cfg.operators}
         del all_images
         meta["operators"] = {name: op.config() for name, op in operators.items()}
         with autocast(device, cfg.autocast):
@@ -517,8 +500,6 @@ def _check_token_needs(cfg: BenchConfig, adapter: Any) -> None:
     """Refuses, before any work, methods and operators a non-ViT model cannot serve."""
     if adapter.is_vit:
         return
-    from patchbench.methods import METHODS
-    from patchbench.models import OPERATORS
     from patchbench.models.adapter import NotAViTError
 
     methods = [m for m in cfg.methods if METHODS.get(m).needs_tokens]
@@ -549,38 +530,12 @@ def _load_samples(cfg: BenchConfig, dataset: str, adapter: Any
     return pixels[ids], labels[ids], masks[ids], ids
 
 
-def _create_operator(name: str, cfg: BenchConfig, meta: dict[str, Any],
-                     method_options: dict[str, dict[str, Any]]) -> Any:
-    options = dict(cfg.operator_options.get(name, {}))
-    if name == "mean":
-        options.setdefault("colour", tuple(meta["mean_colour"]["model_input"]))
-    if name == "noise":
-        options.setdefault("seed", cfg.seed)
-    if name == "placeholder":  # DiffMask's learned vector, from the same checkpoint
-        options.setdefault("checkpoint", method_options["diffmask"]["checkpoint"])
+def _create_operator(name: str, run: RunContext) -> Any:
+    options = options_from_run(OPERATORS.get(name), run, run.cfg.operator_options.get(name, {}))
     try:
         return create_operator(name, **options)
     except (TypeError, ValueError) as e:  # a bad value in [operator_options.<name>]
         raise ValueError(f"operator {name!r} with options {options}: {e}") from None
-
-
-def _mean_colour(cfg: BenchConfig, dataset: str, adapter: Any) -> dict[str, Any]:
-    """The ``mean`` operator's colour: the training split's mean colour, or the model's
-    normalisation mean where the dataset has no training split; in pixels and model input."""
-    colour = train_mean_colour(dataset, cfg.seed, cfg.data_root, cfg.dataset_options.get(dataset))
-    if colour is None:
-        colour = {"rgb": list(adapter.mean),
-                  "source": f"the model's normalisation mean ({dataset} has no training split)"}
-    pixels = torch.tensor(colour["rgb"], dtype=torch.float32).view(1, -1, 1, 1)
-    model_input = adapter.normalize(pixels).flatten().tolist()
-    return {**colour, "model_input": [round(v, 6) for v in model_input]}
-
-
-def _method_options(name: str, cfg: BenchConfig) -> dict[str, Any]:
-    options = dict(cfg.method_options.get(name, {}))
-    if name == "random":
-        options.setdefault("seed", cfg.seed)
-    return options
 
 
 def _gallery_start(cfg: BenchConfig, dataset: str, adapter: Any, pixels: Tensor, labels: Tensor,

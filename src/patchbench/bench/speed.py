@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -29,10 +28,11 @@ from tqdm.auto import tqdm
 from patchbench import __version__
 from patchbench.bench.config import BenchConfig, SpeedConfig
 from patchbench.bench.results import write_run
+from patchbench.context import RunContext, options_from_run
 from patchbench.memory import choose_chunk, format_bytes, parse_bytes, peak_rss, reset_peak_rss, row_bytes
 from patchbench.metrics import faithfulness_curves, log_probs, prepare_reference
 from patchbench.metrics.functional import keep_masks, patch_ranking, step_counts
-from patchbench.models import create_operator
+from patchbench.models import OPERATORS, create_operator
 from patchbench.utils import autocast, provenance, resolve_device, seed_everything, sync, write_json
 
 GOAL_BOUND_RATIO = 1.2
@@ -163,20 +163,12 @@ def quantus_deletion(kind: str, adapter: Any, images: Tensor, target: Tensor, ma
         f"{prob.shape[1]} steps per image, {channels} per patch")
 
 
-def _attribution_ms(name: str, adapter: Any, images: Tensor, target: Tensor, batch_size: int,
-                    device: torch.device, amp: str | None, tmp: Path) -> float:
-    from patchbench.methods import create_method
+def _attribution_ms(name: str, run: RunContext, images: Tensor, target: Tensor, batch_size: int,
+                    device: torch.device, amp: str | None) -> float:
+    from patchbench.methods import METHODS, create_method
 
-    options: dict[str, Any] = {}
-    if name == "diffmask":  # its cost does not depend on the gate weights: an untrained explainer
-        from patchbench.methods.diffmask import DiffMaskExplainer
-        from patchbench.methods.diffmask_train import DiffMaskConfig, save_explainer
-
-        path = tmp / "explainer.pt"
-        save_explainer(path, DiffMaskExplainer(adapter.embed_dim, adapter.depth + 2), adapter,
-                       "speed", DiffMaskConfig(), {})
-        options["checkpoint"] = path
-    method = create_method(name, adapter, **options)
+    adapter = run.adapter
+    method = create_method(name, adapter, **options_from_run(METHODS.get(name), run, {}))
 
     def run() -> None:
         with autocast(device, amp):
@@ -203,7 +195,7 @@ def run_speed(cfg: SpeedConfig, progress: bool = True, pretrained: bool = False,
     Returns:
         ``{"markdown", "rows" (tidy DataFrame), "out"}``.
     """
-    from patchbench.bench.runner import _load_model, _load_samples
+    from patchbench.bench.runner import _create_operator, _load_model, _load_samples
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -291,10 +283,11 @@ def run_speed(cfg: SpeedConfig, progress: bool = True, pretrained: bool = False,
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    run = RunContext(bench_cfg, cfg.dataset, adapter, meta, progress=progress, timing_only=True)
     for name in cfg.operators:
-        if name == "drop" and not adapter.is_vit:
+        if OPERATORS.get(name).needs_tokens and not adapter.is_vit:
             continue
-        op = create_operator(name, **({"seed": cfg.seed} if name == "noise" else {}))
+        op = _create_operator(name, run)
         reference = prepare_reference(adapter, op, images, torch.tensor(ids), chunk)
         t_all, _ = timed(lambda op=op, reference=reference: harness(op, reference, ("deletion", "insertion",
                                                                                     "lerf")),
@@ -309,12 +302,11 @@ def run_speed(cfg: SpeedConfig, progress: bool = True, pretrained: bool = False,
     # 3. attribution, per method
     from patchbench.methods import METHODS
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in cfg.methods:
-            if METHODS.get(name).needs_tokens and not adapter.is_vit:
-                continue
-            ms = _attribution_ms(name, adapter, images, target, cfg.batch_size, device, amp, Path(tmp))
-            record("attribution", name, ms_per_image=ms, images=n)
+    for name in cfg.methods:
+        if METHODS.get(name).needs_tokens and not adapter.is_vit:
+            continue
+        ms = _attribution_ms(name, run, images, target, cfg.batch_size, device, amp)
+        record("attribution", name, ms_per_image=ms, images=n)
     steps_bar.update()
     steps_bar.close()
 
@@ -424,7 +416,7 @@ def render_speed(df: pd.DataFrame, ctx: dict[str, Any]) -> str:
         lines.append("")
     ops = df[df["table"] == "operators"]
     if len(ops):
-        pixel = ops[ops["item"] != "drop"]
+        pixel = ops[~ops["item"].map(lambda n: OPERATORS.get(n).needs_tokens)]
         ref = pixel.iloc[0] if len(pixel) else ops.iloc[0]
         lines += ["## Every curve, by operator", "",
                   "Deletion, insertion and LeRF (LeRF reuses insertion's passes), probability and KL.", "",

@@ -11,13 +11,16 @@ inputs and the output (shape, dtype, finiteness) so no method has to.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from patchbench.models.adapter import ImageAdapter, NotAViTError
 from patchbench.registry import Registry
+
+if TYPE_CHECKING:
+    from patchbench.context import RunContext
 
 METHODS: Registry[Method] = Registry("method")
 
@@ -42,6 +45,18 @@ class Method:
     name = "base"
     uses_gradients = False
     needs_tokens = False
+
+    @classmethod
+    def options_from_run(cls, run: RunContext, options: dict[str, Any]) -> dict[str, Any]:
+        """The options to create this method with in a run: the user's ``options``, completed
+        with what the method takes from the run (a seed, a trained artifact). The default
+        takes nothing; override it rather than have the runner know about the method.
+
+        Args:
+            run: The run (seed, config, model, dataset, shared artifacts).
+            options: The user's options (``method_options.<name>``), a copy.
+        """
+        return options
 
     def __init__(self, adapter: ImageAdapter) -> None:
         if self.needs_tokens and not adapter.is_vit:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,6 +24,10 @@ class RandomMethod(Method):
     """
 
     name = "random"
+
+    @classmethod
+    def options_from_run(cls, run: Any, options: dict[str, Any]) -> dict[str, Any]:
+        return {"seed": run.seed, **options}  # the run's seed unless one is given
 
     def __init__(self, adapter: ImageAdapter, seed: int = 0) -> None:
         super().__init__(adapter)

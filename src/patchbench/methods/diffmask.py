@@ -133,6 +133,19 @@ class DiffMask(Method):
     name = "diffmask"
     needs_tokens = True
 
+    @classmethod
+    def options_from_run(cls, run: Any, options: dict[str, Any]) -> dict[str, Any]:
+        """The run's explainer: ``checkpoint`` as given, else trained (or taken from the cache)
+        for the run's model on the dataset's training split, once per run."""
+        if options.get("checkpoint") is None:
+            from patchbench.methods.diffmask_train import train_for_run, untrained_for_run
+
+            # timing only: the cost of a pass does not depend on the gates' weights
+            make = untrained_for_run if run.timing_only else train_for_run
+            options["checkpoint"] = str(run.memo("diffmask", lambda: make(run)))
+        run.meta["diffmask"] = {"checkpoint": options["checkpoint"], **diffmask_meta(options["checkpoint"])}
+        return options
+
     def __init__(self, adapter: ViTAdapter, checkpoint: str | None = None) -> None:
         super().__init__(adapter)
         if checkpoint is None:

@@ -314,3 +314,34 @@ def train_or_load(adapter: ViTAdapter, dataset: str, cfg: DiffMaskConfig | None 
         "final_kl": sum(r["kl"] for r in last) / len(last),
         "final_kept": sum(r["kept"] for r in last) / len(last)})
     return path
+
+
+def train_for_run(run: Any) -> Path:
+    """The explainer for a run's model and dataset (see :func:`train_or_load`), trained by one
+    process per node; its training log is added to the run folder's files."""
+    from patchbench.datasets import DATASETS
+
+    cfg = run.cfg
+    if not getattr(DATASETS.get(run.dataset), "has_train_split", True) and not cfg.train_data_root:
+        raise ValueError(f"DiffMask trains on a train split, and {run.dataset} has none: give "
+                         "--train-data-root (e.g. ImageNet's train/ folder), or a trained explainer "
+                         "in method_options.diffmask.checkpoint")
+    dm_cfg = DiffMaskConfig(**{"seed": cfg.seed, **cfg.diffmask_config})
+    with run.once_per_node():
+        path = train_or_load(run.adapter, run.dataset, dm_cfg, progress=run.progress,
+                             data_root=cfg.train_data_root or cfg.data_root,
+                             dataset_options=cfg.dataset_options.get(run.dataset, {}))
+    run.files[f"diffmask_train_{run.dataset}.csv"] = path.with_suffix(".csv")
+    return path
+
+
+def untrained_for_run(run: Any) -> Path:
+    """An untrained explainer for the run's model, for timing a pass (see ``timing_only``)."""
+    adapter = run.adapter
+    torch.manual_seed(run.seed)
+    cfg = DiffMaskConfig(seed=run.seed)
+    digest = stable_hash([adapter.key, adapter.embed_dim, adapter.depth])
+    path = cache_dir() / "diffmask" / f"untrained-{digest}.pt"
+    save_explainer(path, DiffMaskExplainer(adapter.embed_dim, adapter.depth + 2, cfg.mul, cfg.add),
+                   adapter, "untrained", cfg, {})
+    return path

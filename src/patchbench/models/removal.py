@@ -31,6 +31,13 @@ class RemovalOperator:
     name = "base"
     needs_tokens = False
 
+    @classmethod
+    def options_from_run(cls, run: Any, options: dict[str, Any]) -> dict[str, Any]:
+        """The options to create this operator with in a run: the user's ``options``
+        (``operator_options.<name>``), completed with what it takes from the run (the
+        dataset's statistics, a seed, a trained artifact). The default takes nothing."""
+        return options
+
     def prepare(self, adapter: ImageAdapter, images: Tensor, seeds: Tensor) -> Tensor | None:
         """Per-image state computed once from the clean images.
 
@@ -80,12 +87,18 @@ class MeanOperator(PixelOperator):
     """Removed patches take the dataset's mean colour.
 
     Args:
-        colour: Per-channel mean colour in model-input (normalised) space. The benchmark
-            runner passes the mean over the evaluated dataset; without it, the model's
-            normalisation mean (0 in normalised space) is used.
+        colour: Per-channel mean colour in model-input (normalised) space. In a run it is
+            the dataset's training-split mean; without it, the model's normalisation mean
+            (0 in normalised space) is used.
     """
 
     name = "mean"
+
+    @classmethod
+    def options_from_run(cls, run: Any, options: dict[str, Any]) -> dict[str, Any]:
+        if "colour" not in options:  # the dataset's, not the evaluated images': see RunContext
+            options["colour"] = tuple(run.mean_colour()["model_input"])
+        return options
 
     def __init__(self, colour: tuple[float, ...] | None = None) -> None:
         self.colour = tuple(colour) if colour is not None else None
@@ -151,6 +164,10 @@ class NoiseOperator(PixelOperator):
     """
 
     name = "noise"
+
+    @classmethod
+    def options_from_run(cls, run: Any, options: dict[str, Any]) -> dict[str, Any]:
+        return {"seed": run.seed, **options}
 
     def __init__(self, seed: int = 0, space: str = "pixel", low: float | None = None,
                  high: float = 1.0) -> None:
@@ -226,6 +243,15 @@ class PlaceholderOperator(RemovalOperator):
 
     name = "placeholder"
     needs_tokens = True
+
+    @classmethod
+    def options_from_run(cls, run: Any, options: dict[str, Any]) -> dict[str, Any]:
+        if options.get("checkpoint") is None and options.get("vector") is None:
+            from patchbench.methods.diffmask import DiffMask  # the same explainer as the method's
+
+            dm_options = DiffMask.options_from_run(run, run.method_options("diffmask"))
+            options["checkpoint"] = dm_options["checkpoint"]
+        return options
 
     def __init__(self, checkpoint: str | None = None, vector: Tensor | None = None) -> None:
         if (checkpoint is None) == (vector is None):

@@ -1,0 +1,85 @@
+"""What a component may ask of the run it is part of.
+
+Methods and removal operators declare what they need from a run (a seed, the dataset's mean
+colour, a trained artifact such as DiffMask's explainer) in one class method,
+``options_from_run(run, options)``, whose default needs nothing. The runner calls it for every
+component it creates and never tests a component's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RunContext:
+    """One model on one dataset within a run.
+
+    Attributes:
+        cfg: The run's :class:`~patchbench.bench.config.BenchConfig`.
+        dataset: The dataset's registered name.
+        adapter: The model.
+        meta: The model's record in ``run.json``; components add what they used.
+        files: Extra files for the run folder (name -> source path), e.g. training logs.
+        progress: Whether to show progress bars.
+        once_per_node: Context in which work that fills a cache is done by one process per
+            node while the others wait (torchrun); no-op in a single process.
+        timing_only: The run only times the components (``patchbench speed``): a trained
+            artifact whose cost does not depend on its training may be an untrained stand-in.
+    """
+
+    cfg: Any
+    dataset: str
+    adapter: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+    progress: bool = True
+    once_per_node: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    timing_only: bool = False
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+    def method_options(self, name: str) -> dict[str, Any]:
+        """The user's options for method ``name`` (a copy)."""
+        return dict(self.cfg.method_options.get(name, {}))
+
+    def memo(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()``'s result, computed once per run context (shared by the components)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def mean_colour(self) -> dict[str, Any]:
+        """The dataset's mean colour, in pixels (``rgb``) and model input (``model_input``):
+        the training split's mean, or the model's normalisation mean where the dataset has
+        no training split. Recorded in ``meta["mean_colour"]``."""
+        return self.memo("mean_colour", self._mean_colour)
+
+    def _mean_colour(self) -> dict[str, Any]:
+        import torch
+
+        from patchbench.datasets.stats import train_mean_colour
+
+        colour = train_mean_colour(self.dataset, self.seed, self.cfg.data_root,
+                                   self.cfg.dataset_options.get(self.dataset))
+        if colour is None:
+            colour = {"rgb": list(self.adapter.mean), "source": "the model's normalisation mean "
+                      f"({self.dataset} has no training split)"}
+        pixels = torch.tensor(colour["rgb"], dtype=torch.float32).view(1, -1, 1, 1)
+        model_input = self.adapter.normalize(pixels).flatten().tolist()
+        self.meta["mean_colour"] = {**colour, "model_input": [round(v, 6) for v in model_input]}
+        return self.meta["mean_colour"]
+
+
+def options_from_run(factory: Any, run: RunContext, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` completed by the component's own ``options_from_run`` hook, if it has one
+    (plugins registered as plain functions have none and get the options as given)."""
+    hook = getattr(factory, "options_from_run", None)
+    return hook(run, dict(options)) if hook is not None else dict(options)
