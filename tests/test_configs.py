@@ -286,3 +286,22 @@ def test_shortened_paper_cifar10_config_runs_end_to_end(tmp_path, monkeypatch, o
     points = curves.groupby(["method", "curve", "quantity", "sample_id"]).size()
     assert len(points) == 3 * 3 * 2 * 6 and points.eq(5).all()  # steps 4: five points per curve
     assert sorted(curves.x.unique().tolist()) == [0, 0.25, 0.5, 0.75, 1]
+
+
+# ---- one declaration: the command line is derived from BenchConfig's fields --------------------
+
+def test_every_setting_is_one_option_and_every_option_a_setting():
+    parser = cli._parser()
+    bench = next(a for a in parser._actions if a.dest == "command").choices["bench"]
+    options = {a.dest: a for a in bench._actions}
+    settings = {f.name: f for f in dataclasses.fields(BenchConfig)}
+    assert set(options) - {"help", "config", "quiet"} == {n for n, f in settings.items() if f.metadata["cli"]}
+    assert all(f.metadata["help"] for f in settings.values())
+    assert options["target"].choices == ["prediction", "label"]
+    assert options["run"].option_strings == ["--run", "--run-name"]
+    args = parser.parse_args(["bench", "--methods", "a,b", "--steps", "3", "--pretrained",
+                              "--plugin", "x.py", "--plugin", "y.py", "--limit", "9"])
+    assert (args.methods, args.steps, args.pretrained, args.plugins, args.n_images) == (
+        ("a", "b"), 3, True, ["x.py", "y.py"], 9)
+    with pytest.raises(ValueError, match="overwrite must be one of never, missing, always, got 'x'"):
+        BenchConfig(overwrite="x").validate()

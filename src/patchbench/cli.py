@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from dataclasses import fields
+from typing import Any
 
 from patchbench.errors import MissingChunkError, WeightsLostError
 from patchbench.registry import UnknownNameError
@@ -30,57 +31,10 @@ def _parser() -> argparse.ArgumentParser:
                                    "scores.csv, curves, leaderboard.md/.csv, curves.png, run.json. "
                                    "Settings come from the defaults, then --config, then the "
                                    "options given here.")
-    # options default to SUPPRESS so that only those given override the config file
-    opt = {"default": argparse.SUPPRESS}
     b.add_argument("--config", default=None,
                    help="TOML run config: a path, or the name of a shipped config (default, paper-cifar10, "
                         "paper-imagenet, ours)")
-    b.add_argument("--plugin", dest="plugins", action="append", **opt,
-                   help="load a method plugin: path/to/file.py or module:object (repeatable)")
-    b.add_argument("--run", "--run-name", dest="run", **opt,
-                   help=f"run name: results go to RESULTS_DIR/RUN (default: {d.run}); under torchrun "
-                        "write --run-name, as torchrun takes --run for its own --run-path")
-    b.add_argument("--model", **opt,
-                   help="embedded model (pb-vit-tiny, trained per dataset), any timm model name, or "
-                        f"hf:<hub id or folder> for a Hugging Face ViT (default: {d.model})")
-    b.add_argument("--pretrained", action="store_true", **opt,
-                   help="timm model: load timm's pretrained weights")
-    b.add_argument("--checkpoint", **opt, help="timm model: local .safetensors/.pth weights")
-    b.add_argument("--data-root", **opt, help="folder of a dataset read from disk (cifar10, imagefolder)")
-    b.add_argument("--train-data-root", **opt,
-                   help="train split for DiffMask when it is another folder (imagefolder)")
-    b.add_argument("--datasets", type=_csv, **opt,
-                   help=f"comma-separated dataset names (default: {','.join(d.datasets)})")
-    b.add_argument("--methods", type=_csv, **opt,
-                   help=f"comma-separated method names or wildcards (default: {','.join(d.methods)})")
-    b.add_argument("--operators", type=_csv, **opt,
-                   help=f"comma-separated removal operators (default: {','.join(d.operators)})")
-    b.add_argument("--n-images", "--limit", dest="n_images", type=int, **opt,
-                   help=f"images per dataset, stratified over classes (default: {d.n_images})")
-    b.add_argument("--steps", type=int, **opt,
-                   help=f"steps per curve, 0 = one per patch (default: {d.steps})")
-    b.add_argument("--seed", type=int, **opt, help=f"seed for everything (default: {d.seed})")
-    b.add_argument("--target", choices=["prediction", "label"], **opt,
-                   help=f"class whose probability is tracked (default: {d.target})")
-    b.add_argument("--batch-size", type=int, **opt,
-                   help=f"images per attribution call (default: {d.batch_size})")
-    b.add_argument("--gallery-size", type=int, **opt,
-                   help=f"images per dataset in report.html's gallery (default: {d.gallery_size})")
-    b.add_argument("--sanity-images", type=int, **opt,
-                   help="images per dataset for the model-randomisation sanity check, 0 = skip it "
-                        f"(default: {d.sanity_images})")
-    b.add_argument("--chunk-size", type=int, **opt,
-                   help="most (image, step) rows per forward pass (default: 64 on CPU, 1024 on GPU)")
-    b.add_argument("--memory-budget", **opt,
-                   help="working memory for the curves' forward passes, e.g. 512MiB or 4GB: the rows "
-                        "per pass are chosen to fit it (at most --chunk-size); scores do not change")
-    b.add_argument("--device", **opt, help="auto, cpu, cuda or cuda:N (default: auto = cuda if present)")
-    b.add_argument("--autocast", choices=["bf16", "fp16"], **opt,
-                   help="mixed precision on GPU (default: off)")
-    b.add_argument("--overwrite", choices=["never", "missing", "always"], **opt,
-                   help="stored results (RESULTS_DIR/.chunks): reuse and compute what is missing, "
-                        "recompute all, or compute nothing new (default: missing)")
-    b.add_argument("--results-dir", **opt, help=f"(default: {d.results_dir})")
+    add_config_options(b)
     b.add_argument("--quiet", action="store_true", help="no progress bars or table")
 
     t = sub.add_parser("train", help="train an embedded model, or fine-tune a timm model on data on disk",
@@ -166,6 +120,38 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--plugin", dest="plugins", action="append", default=[],
                     help="also load this method plugin (path/to/file.py or module:object)")
     return p
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per command-line setting of :class:`BenchConfig`, derived from its
+    declarations (type, default, help, flags, choices). Options default to SUPPRESS, so only
+    those given override the config file."""
+    import typing
+
+    from patchbench.bench.config import BenchConfig
+
+    hints = typing.get_type_hints(BenchConfig)
+    for f in fields(BenchConfig):
+        meta, kind = f.metadata, hints[f.name]
+        if not meta.get("cli", True):
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if meta["repeat"]:
+            kwargs.update(action="append", metavar="VALUE")
+        elif kind is bool:
+            kwargs["action"] = "store_true"
+        elif typing.get_origin(kind) is tuple:
+            kwargs["type"] = _csv
+        elif kind is int or int in typing.get_args(kind):
+            kwargs["type"] = int
+        if meta["choices"]:
+            kwargs["choices"] = list(meta["choices"])
+        default = f.default
+        unset = default is None or default is False or default == ()
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        suffix = "" if unset or "(default" in meta["help"] else f" (default: {shown})"
+        flags = meta["flags"] or (f"--{f.name.replace('_', '-')}",)
+        parser.add_argument(*flags, help=meta["help"] + suffix, **kwargs)
 
 
 def _expand_methods(patterns: tuple[str, ...]) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ import inspect
 import re
 import tomllib
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -16,37 +17,77 @@ DEFAULT_METHODS = ("random", "centre", "constant", "attention", "rollout", "chef
                    "integrated_gradients", "smoothgrad", "occlusion", "rise", "diffmask")
 
 
+def setting(default: Any = None, help: str = "", *, flags: tuple[str, ...] = (),
+            choices: tuple[str, ...] | None = None, repeat: bool = False,
+            factory: Callable[[], Any] | None = None, cli: bool = True) -> Any:
+    """One declared setting: its default, its help, its command-line flags and its allowed
+    values. The command line, the config-file check and :meth:`BenchConfig.validate` are all
+    derived from these declarations.
+
+    Args:
+        default: The default value.
+        help: What it sets (the default is appended on the command line).
+        flags: Its command-line flags (default: ``--name`` with dashes).
+        choices: The allowed values, if a closed set.
+        repeat: A list given one value per flag (``--plugin a --plugin b``), not comma-separated.
+        factory: For mutable defaults, a function making the default.
+        cli: Whether it is a command-line option (tables are set in config files only).
+    """
+    meta = {"help": help, "flags": flags, "choices": choices, "repeat": repeat, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class BenchConfig:
-    """Everything that fixes a run (it is written to ``run.json``)."""
+    """Everything that fixes a run (it is written to ``run.json``). Each field is declared once,
+    here; the command line and the config-file check are derived from these declarations."""
 
-    run: str = "default"
-    model: str = "pb-vit-tiny"
-    pretrained: bool = False
-    checkpoint: str | None = None
-    data_root: str | None = None
-    datasets: tuple[str, ...] = ("glyphs", "toy-count")
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    operators: tuple[str, ...] = ("mean", "drop")
-    n_images: int = 200
-    steps: int | None = 16
-    seed: int = 0
-    target: str = "prediction"
-    batch_size: int = 50
-    gallery_size: int = 8  # images per dataset shown in report.html with every method's map
-    sanity_images: int = 16  # images per dataset for the model-randomisation check (0: skip it)
-    chunk_size: int | None = None  # most (image, step) rows per forward pass (None: 64 on CPU, 1024 on GPU)
-    memory_budget: str | None = None  # e.g. "2GiB": rows per forward pass chosen to fit it
-    results_dir: str = "results"
-    plugins: tuple[str, ...] = ()  # method plugins: path/to/file.py or module:object
-    overwrite: str = "missing"  # stored result chunks: never | missing | always
-    device: str = "auto"  # auto = cuda when available, else cpu
-    autocast: str | None = None  # bf16 or fp16 mixed precision on GPU
-    train_data_root: str | None = None  # train split for DiffMask when it is another folder
-    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    operator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    dataset_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    diffmask_config: dict[str, Any] = field(default_factory=dict)  # DiffMaskConfig overrides
+    run: str = setting("default", "run name: results go to RESULTS_DIR/RUN; under torchrun write "
+                       "--run-name, as torchrun takes --run for its own --run-path",
+                       flags=("--run", "--run-name"))
+    model: str = setting("pb-vit-tiny", "embedded model (pb-vit-tiny, trained per dataset), any timm "
+                         "model name, or hf:<hub id or folder> for a Hugging Face ViT")
+    pretrained: bool = setting(False, "timm model: load timm's pretrained weights")
+    checkpoint: str | None = setting(None, "timm model: local .safetensors/.pth weights")
+    data_root: str | None = setting(None, "folder of a dataset read from disk (cifar10, imagefolder)")
+    datasets: tuple[str, ...] = setting(("glyphs", "toy-count"), "comma-separated dataset names")
+    methods: tuple[str, ...] = setting(DEFAULT_METHODS, "comma-separated method names or wildcards")
+    operators: tuple[str, ...] = setting(("mean", "drop"), "comma-separated removal operators")
+    n_images: int = setting(200, "images per dataset, stratified over classes",
+                            flags=("--n-images", "--limit"))
+    steps: int | None = setting(16, "steps per curve, 0 = one per patch")
+    seed: int = setting(0, "seed for everything")
+    target: str = setting("prediction", "class whose probability is tracked",
+                          choices=("prediction", "label"))
+    batch_size: int = setting(50, "images per attribution call")
+    gallery_size: int = setting(8, "images per dataset in report.html's gallery")
+    sanity_images: int = setting(16, "images per dataset for the model-randomisation sanity check, "
+                                 "0 = skip it")
+    chunk_size: int | None = setting(None, "most (image, step) rows prepared per pass (default: 64 on "
+                                     "CPU, 1024 on GPU)")
+    memory_budget: str | None = setting(None, "working memory for the curves' forward passes, e.g. "
+                                        "512MiB or 4GB: the rows per pass are chosen to fit it (at "
+                                        "most --chunk-size); scores do not change")
+    results_dir: str = setting("results", "folder of the run folders and the stored chunks")
+    plugins: tuple[str, ...] = setting((), "load a plugin: path/to/file.py or module:object "
+                                       "(repeatable; adds to the config's)", flags=("--plugin",),
+                                       repeat=True)
+    overwrite: str = setting("missing", "stored results (RESULTS_DIR/.chunks): reuse and compute what "
+                             "is missing, recompute all, or compute nothing new",
+                             choices=("never", "missing", "always"))
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N (auto = cuda if present)")
+    autocast: str | None = setting(None, "mixed precision on GPU (default: off)", choices=("bf16", "fp16"))
+    train_data_root: str | None = setting(None, "train split for DiffMask when it is another folder "
+                                          "(imagefolder)")
+    method_options: dict[str, dict[str, Any]] = setting(factory=dict, cli=False,
+                                                        help="[method_options.<method>] tables")
+    operator_options: dict[str, dict[str, Any]] = setting(factory=dict, cli=False,
+                                                          help="[operator_options.<operator>] tables")
+    dataset_options: dict[str, dict[str, Any]] = setting(factory=dict, cli=False,
+                                                         help="[dataset_options.<dataset>] tables")
+    diffmask_config: dict[str, Any] = setting(factory=dict, cli=False, help="DiffMaskConfig overrides")
 
     def validate(self) -> None:
         """Fails early, before any training or scoring, on an unknown name or bad value."""
@@ -71,23 +112,22 @@ class BenchConfig:
             METHODS.get(m)
         for o in self.operators:
             OPERATORS.get(o)
-        if self.target not in ("prediction", "label"):
-            raise ValueError(f"target must be 'prediction' or 'label', got {self.target!r}")
+        for f in fields(self):
+            allowed = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if allowed and value is not None and value not in allowed:
+                raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.n_images < 2:
             raise ValueError(f"n_images must be at least 2, got {self.n_images}")
         for name in ("gallery_size", "sanity_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.overwrite not in ("never", "missing", "always"):
-            raise ValueError(f"overwrite must be never, missing or always, got {self.overwrite!r}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {self.chunk_size}")
         if self.memory_budget is not None:
             from patchbench.memory import parse_bytes
 
             parse_bytes(self.memory_budget)
-        if self.autocast not in (None, "bf16", "fp16"):
-            raise ValueError(f"autocast must be bf16 or fp16 (or unset), got {self.autocast!r}")
         if self.device != "auto":
             import torch
 
