@@ -344,6 +344,18 @@ def agreement_table(agreement: pd.DataFrame) -> Table:
                  ["dataset", "model", "metric", *(f"τ {p}" for p in pairs)], rows, [note])
 
 
+def stages_table(stages: list[dict[str, Any]]) -> Table:
+    """Where the time went: seconds per stage and dataset, in the order they ran (on several
+    processes, the slowest process's)."""
+    total = sum(s["seconds"] for s in stages) or 1.0
+    rows = [[s["dataset"], s["stage"], f"{s['seconds']:.1f}", f"{100 * s['seconds'] / total:.0f}%"]
+            for s in stages]
+    note = ("Stages whose results were stored by an earlier run take almost no time. Model and "
+            "explainer training count only when they ran in this run; attribution is per method, "
+            "curves per removal operator (all methods).")
+    return Table("Where the time went", ["dataset", "stage", "seconds", "share"], rows, [note])
+
+
 def table_markdown(table: Table, heading: str = "###") -> str:
     """A :class:`Table` as a Markdown section: heading, pipe table, notes."""
     def row(cells: list[str]) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from patchbench.bench.results import (
     render_markdown,
     report_sections,
     sanity_table,
+    stages_table,
     summarise,
     wide_leaderboard,
     write_run,
@@ -91,114 +94,190 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     return out
 
 
-def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: list[str],
-         progress: bool) -> dict[str, Any]:
-    started = time.perf_counter()
-    seed_everything(cfg.seed)
-    warnings: list[str] = []
+@dataclass
+class Part:
+    """What one process computed: tidy rows, curves, checks and its log (gathered on rank 0)."""
 
-    def warn(msg: str) -> None:  # reported even with --quiet, and kept in run.json
-        warnings.append(msg)
+    scores: list[dict[str, Any]] = field(default_factory=list)
+    curves: list[pd.DataFrame] = field(default_factory=list)
+    timing: list[dict[str, Any]] = field(default_factory=list)  # attribution ms per image
+    failures: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)  # the ground-truth mask's scores
+    sanity: list[dict[str, Any]] = field(default_factory=list)  # model-randomisation rows
+    galleries: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)  # seconds per stage
+    chunks: list[int] = field(default_factory=lambda: [0, 0])  # reused, computed
+
+    def warn(self, msg: str) -> None:
+        """Reported even with --quiet, and kept in run.json."""
+        self.warnings.append(msg)
         tqdm.write(msg, file=sys.stderr)
 
-    store = ChunkStore(Path(cfg.results_dir) / ".chunks", cfg.overwrite, warn)
-    scores, curves, timing, models, sample_ids = [], [], [], {}, {}
-    checks: list[dict[str, Any]] = []  # the ground-truth mask scored as a map (metric check)
-    sanity: list[dict[str, Any]] = []  # model-randomisation check rows
-    galleries: list[dict[str, Any]] = []
-    failures: list[dict[str, str]] = []
-    train_logs: dict[str, Path] = {}
+    @contextlib.contextmanager
+    def stage(self, dataset: str, name: str) -> Iterator[None]:
+        """Times one stage of the run (``run.json`` and the report say where the time went)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages.append({"dataset": dataset, "stage": name,
+                                "seconds": time.perf_counter() - t0})
+
+
+@dataclass
+class Job:
+    """One dataset of a run, prepared: the model and its guard, this process's share of the
+    images with their targets and ground truth, the operators and their references, the
+    methods' options, and the key the stored results are filed under."""
+
+    run: RunContext
+    guard: WeightGuard
+    images: Tensor
+    target: Tensor
+    truth: Tensor
+    ids: list[int]
+    all_ids: list[int]
+    chunk: int
+    method_options: dict[str, dict[str, Any]]
+    operators: dict[str, Any]
+    references: dict[str, Any]
+    data_key: dict[str, Any]
+    gallery: dict[str, Any] | None
+
+    @property
+    def cfg(self) -> BenchConfig:
+        return self.run.cfg
+
+    @property
+    def base(self) -> dict[str, str]:
+        return {"model": self.run.meta["key"], "dataset": self.run.dataset}
+
+
+def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: list[str],
+         progress: bool) -> dict[str, Any]:
+    """The run: prepare each dataset, execute each method on it, run the checks; then collect
+    every process's part and write the run folder."""
+    started = time.perf_counter()
+    seed_everything(cfg.seed)
+    part = Part()
+    store = ChunkStore(Path(cfg.results_dir) / ".chunks", cfg.overwrite, part.warn)
+    models, sample_ids, files = {}, {}, {}
     for dataset in cfg.datasets:
-        with world.local_rank0_first():  # one rank per node trains into the cache
-            adapter, meta = _load_model(cfg, dataset, progress)
-        _check_token_needs(cfg, adapter)
-        adapter.to(device)
-        guard = WeightGuard(adapter.model)  # every method must leave the weights as they are
-        meta["weights_digest"] = guard.digest
-        models[dataset] = meta
-        pixels, labels, gt_pixels, ids = _load_samples(cfg, dataset, adapter)
-        sample_ids[dataset] = ids
-        if gt_pixels.any() and tuple(pixels.shape[-2:]) != adapter.img_size:
-            raise ValueError(f"{dataset} images are {tuple(pixels.shape[-2:])}, the model takes "
-                             f"{adapter.img_size}: ground-truth masks would not line up with patches")
-        all_images = _to_device(adapter.prepare(pixels), device)
-        truth = (adapter.pixel_to_patch(gt_pixels) if gt_pixels.any()
-                 else torch.zeros(len(ids), *adapter.grid, dtype=torch.bool))
-        part = world.shard(len(ids))  # everything below is this rank's share of the images
-        images, labels, truth, ids = all_images[part], labels[part].to(device), truth[part], ids[part]
-        if not ids:
-            raise ValueError(f"{world.size} ranks for {len(sample_ids[dataset])} images of {dataset}: "
-                             "start fewer processes or evaluate more images")
-        budget = parse_bytes(cfg.memory_budget) if cfg.memory_budget else None
-        chunk = choose_chunk(adapter, images, budget, cfg.chunk_size)
-        meta["chunk_size"] = chunk
-        with autocast(device, cfg.autocast):
-            logp_clean = log_probs(adapter, images, chunk)
-        pred = logp_clean.argmax(1)
-        correct, seen = world.all_sum([(pred == labels).sum().item(), len(ids)])
-        meta["eval_accuracy"] = round(correct / seen, 4)
-        target = pred if cfg.target == "prediction" else labels
-        gallery = _gallery_start(cfg, dataset, adapter, pixels[part], labels, pred, truth, ids)
-        model_key = meta["key"]
-        base = {"model": model_key, "dataset": dataset}
-        seeds = torch.tensor(ids)
-        # each method and operator takes what it needs from the run through its own hook
-        run = RunContext(cfg, dataset, adapter, meta, train_logs, progress, world.local_rank0_first)
+        job = _prepare(cfg, dataset, world, device, files, part, progress)
+        models[dataset], sample_ids[dataset] = job.run.meta, job.all_ids
+        scored = [m for m in cfg.methods if _execute(job, m, store, part)]
+        _check(job, scored, world, store, part)
+    part.chunks = [store.reused, store.computed]
+    parts = world.gather(vars(part))
+    if not world.is_writer:
+        return {"markdown": "", "run_dir": Path(cfg.results_dir) / cfg.run, "failures": world.broadcast(None)}
+    t0 = time.perf_counter()
+    out = _collect(parts, cfg, sample_ids)
+    world.broadcast(out["failures"])
+    out["stages"].append({"dataset": "-", "stage": "statistics and tables",
+                          "seconds": time.perf_counter() - t0})
+    run = _run_record(cfg, models, sample_ids, parts, out, plugin_problems, store, world, device, started)
+    out.update(run=run, run_dir=_write(cfg, out, run, files))
+    return out
+
+
+def _prepare(cfg: BenchConfig, dataset: str, world: World, device: torch.device,
+             files: dict[str, Path], part: Part, progress: bool) -> Job:
+    """Loads the model and the images, creates the operators (each taking what it needs from
+    the run) and computes what every method's curves share."""
+    with part.stage(dataset, "model"), world.local_rank0_first():  # one rank per node trains
+        adapter, meta = _load_model(cfg, dataset, progress)
+    _check_token_needs(cfg, adapter)
+    adapter.to(device)
+    guard = WeightGuard(adapter.model)  # every method must leave the weights as they are
+    meta["weights_digest"] = guard.digest
+    with part.stage(dataset, "data"):
+        pixels, labels, gt_pixels, all_ids = _load_samples(cfg, dataset, adapter)
+    if gt_pixels.any() and tuple(pixels.shape[-2:]) != adapter.img_size:
+        raise ValueError(f"{dataset} images are {tuple(pixels.shape[-2:])}, the model takes "
+                         f"{adapter.img_size}: ground-truth masks would not line up with patches")
+    truth = (adapter.pixel_to_patch(gt_pixels) if gt_pixels.any()
+             else torch.zeros(len(all_ids), *adapter.grid, dtype=torch.bool))
+    part_ = world.shard(len(all_ids))  # everything below is this rank's share of the images
+    images = _to_device(adapter.prepare(pixels[part_]), device)
+    labels, truth, ids = labels[part_].to(device), truth[part_], all_ids[part_]
+    if not ids:
+        raise ValueError(f"{world.size} ranks for {len(all_ids)} images of {dataset}: "
+                         "start fewer processes or evaluate more images")
+    budget = parse_bytes(cfg.memory_budget) if cfg.memory_budget else None
+    chunk = meta["chunk_size"] = choose_chunk(adapter, images, budget, cfg.chunk_size)
+    with autocast(device, cfg.autocast):
+        logp_clean = log_probs(adapter, images, chunk)
+    pred = logp_clean.argmax(1)
+    correct, seen = world.all_sum([(pred == labels).sum().item(), len(ids)])
+    meta["eval_accuracy"] = round(correct / seen, 4)
+    # each method and operator takes what it needs from the run through its own hook
+    run = RunContext(cfg, dataset, adapter, meta, files, progress, world.local_rank0_first)
+    with part.stage(dataset, "components (explainer training, dataset statistics)"):
         method_options = {m: options_from_run(METHODS.get(m), run, cfg.method_options.get(m, {}))
                           for m in cfg.methods}
         operators = {name: _create_operator(name, run) for name in cfg.operators}
-        del all_images
-        meta["operators"] = {name: op.config() for name, op in operators.items()}
-        with autocast(device, cfg.autocast):
-            references = {name: prepare_reference(adapter, op, images, seeds, chunk, logp_clean)
-                          for name, op in operators.items()}
-        data_key = {"model": model_key, "weights": guard.digest, "dataset": dataset,
-                    "source": _data_source(cfg, dataset),
-                    "sample_ids": stable_hash(ids, 24), "target": cfg.target,
-                    "precision": [device.type, cfg.autocast], "version": __version__,
-                    "code": source_digest(*CORE_SOURCES)}
-        scored: list[str] = []  # the methods that did not fail, for the checks
-        n_sanity = min(cfg.sanity_images, len(ids)) if world.rank == 0 else 0
-        for method_name in cfg.methods:
-            try:
-                rows, frames, ms, maps = _score_method(
-                    cfg, store, data_key, adapter, guard, method_name, method_options.get(method_name, {}),
-                    images, target, truth, operators, references, base, ids, chunk, progress)
-            except (MissingChunkError, KeyboardInterrupt, WeightsLostError):
-                raise
-            except Exception as e:  # one method's failure must not cost the others' results
-                reason = f"{type(e).__name__}: {e}".splitlines()[0]
-                failures.append({"dataset": dataset, "method": method_name, "error": reason})
-                warn(f"patchbench: method {method_name!r} failed on {dataset}: {reason}")
-                continue
-            scores += rows
-            curves += frames
-            scored.append(method_name)
-            if gallery:
-                gallery["maps"][method_name] = maps[:len(gallery["ids"])].cpu()
-            timing.append({"dataset": dataset, "method": method_name, "ms_per_image": ms,
-                           "images": len(ids)})
-        if n_sanity >= 2 and scored:
-            try:
-                sanity += _sanity_rows(cfg, store, data_key, adapter, guard, method_options, scored,
-                                       images[:n_sanity], target[:n_sanity], base, warn, progress)
-            except ModelChangedError as e:
-                warn(f"patchbench: sanity check on {dataset} skipped: {e}")
-        if truth.any() and "random" in scored:  # the check compares the mask with random
-            checks += _ground_truth_rows(cfg, store, data_key, adapter, images, target, truth,
-                                         operators, references, base, ids, chunk, progress)
-        if gallery:
-            galleries.append(gallery)
-    parts = world.gather({"scores": scores, "curves": curves, "timing": timing, "failures": failures,
-                          "warnings": warnings, "chunks": [store.reused, store.computed],
-                          "checks": checks, "galleries": galleries, "sanity": sanity})
-    if not world.is_writer:
-        return {"markdown": "", "run_dir": Path(cfg.results_dir) / cfg.run, "failures": world.broadcast(None)}
+    meta["operators"] = {name: op.config() for name, op in operators.items()}
+    with part.stage(dataset, "references (clean and all-removed passes)"), autocast(device, cfg.autocast):
+        references = {name: prepare_reference(adapter, op, images, torch.tensor(ids), chunk, logp_clean)
+                      for name, op in operators.items()}
+    data_key = {"model": meta["key"], "weights": guard.digest, "dataset": dataset,
+                "source": _data_source(cfg, dataset), "sample_ids": stable_hash(ids, 24),
+                "target": cfg.target, "precision": [device.type, cfg.autocast], "version": __version__,
+                "code": source_digest(*CORE_SOURCES)}
+    target = pred if cfg.target == "prediction" else labels
+    gallery = _gallery_start(cfg, dataset, adapter, pixels[part_], labels, pred, truth, ids)
+    return Job(run, guard, images, target, truth, ids, all_ids, chunk, method_options, operators,
+               references, data_key, gallery)
+
+
+def _execute(job: Job, name: str, store: ChunkStore, part: Part) -> bool:
+    """One method on one dataset, isolated: its rows go into ``part``, or its failure does.
+
+    Returns:
+        Whether it was scored.
+    """
+    try:
+        rows, frames, ms, maps = _score_method(job, name, store, part)
+    except (MissingChunkError, KeyboardInterrupt, WeightsLostError):
+        raise
+    except Exception as e:  # one method's failure must not cost the others' results
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        part.failures.append({"dataset": job.run.dataset, "method": name, "error": reason})
+        part.warn(f"patchbench: method {name!r} failed on {job.run.dataset}: {reason}")
+        return False
+    part.scores += rows
+    part.curves += frames
+    if job.gallery:
+        job.gallery["maps"][name] = maps[:len(job.gallery["ids"])].cpu()
+    part.timing.append({"dataset": job.run.dataset, "method": name, "ms_per_image": ms,
+                        "images": len(job.ids)})
+    return True
+
+
+def _check(job: Job, scored: list[str], world: World, store: ChunkStore, part: Part) -> None:
+    """The checks of one dataset: model randomisation (on rank 0's first images) and the
+    ground-truth mask against the random control (where the dataset has ground truth)."""
+    dataset, n_sanity = job.run.dataset, min(job.cfg.sanity_images, len(job.ids))
+    if world.rank == 0 and n_sanity >= 2 and scored:
+        try:
+            with part.stage(dataset, "sanity check"):
+                part.sanity += _sanity_rows(job, store, part, scored, n_sanity)
+        except ModelChangedError as e:
+            part.warn(f"patchbench: sanity check on {dataset} skipped: {e}")
+    if job.truth.any() and "random" in scored:  # the check compares the mask with random
+        with part.stage(dataset, "metric check"):
+            part.checks += _ground_truth_rows(job, store, part)
+    if job.gallery:
+        part.galleries.append(job.gallery)
+
+
+def _collect(parts: list[dict[str, Any]], cfg: BenchConfig, sample_ids: dict[str, list[int]]
+             ) -> dict[str, Any]:
+    """Every process's part merged into one process's tables, with statistics and checks."""
     scores_df, curves_df, timing_df, failures_df = _merge(parts, cfg, sample_ids)
-    failures = failures_df.to_dict("records")
-    world.broadcast(failures)
     summary = summarise(scores_df, seed=cfg.seed) if len(scores_df) else pd.DataFrame()
-    board = wide_leaderboard(summary) if len(summary) else pd.DataFrame()
     truth_df = pd.DataFrame([r for p in parts for r in p["checks"]], columns=SCORE_COLUMNS).dropna()
     check_df = ground_truth_check(truth_df, scores_df)
     sanity_df = pd.DataFrame([r for p in parts for r in p["sanity"]])
@@ -211,17 +290,41 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
     if len(sanity_df):
         extra += sanity_table(sanity_df)
     flagged = check_df[check_df.verdict == "flag"]
-    markdown = render_markdown(summary, timing_df, failures_df, extra, flagged)
-    run = {
+    stages = _stages(parts)
+    return {"markdown": render_markdown(summary, timing_df, failures_df, extra, flagged),
+            "scores": scores_df, "curves": curves_df, "timing": timing_df, "summary": summary,
+            "leaderboard": wide_leaderboard(summary) if len(summary) else pd.DataFrame(),
+            "failures": failures_df.to_dict("records"), "failures_df": failures_df,
+            "metric_check": check_df, "flagged": flagged, "sanity": sanity_df,
+            "rank_stability": agreement_df, "extra": extra, "stages": stages,
+            "galleries": _merge_galleries(parts, cfg)}
+
+
+def _stages(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Seconds per (dataset, stage): summed within a process, the slowest process's."""
+    rows = [{**s, "rank": r} for r, p in enumerate(parts) for s in p["stages"]]
+    if not rows:
+        return []
+    df = pd.DataFrame(rows).groupby(["dataset", "stage", "rank"], sort=False, as_index=False).seconds.sum()
+    df = df.groupby(["dataset", "stage"], sort=False, as_index=False).seconds.max()
+    return [{**r, "seconds": round(r["seconds"], 2)} for r in df.to_dict("records")]
+
+
+def _run_record(cfg: BenchConfig, models: dict[str, Any], sample_ids: dict[str, list[int]],
+                parts: list[dict[str, Any]], out: dict[str, Any], plugin_problems: list[str],
+                store: ChunkStore, world: World, device: torch.device, started: float) -> dict[str, Any]:
+    """``run.json``: the config, seeds, models, samples, timings, problems and provenance."""
+    return {
         "config": asdict(cfg),
         "seeds": {"run": cfg.seed, "model_training": cfg.seed, "sample_selection": cfg.seed,
                   "noise_operator": cfg.seed, "random_method": cfg.seed},
         "models": models,
         "sample_ids": sample_ids,
         "timing": {"total_seconds": round(time.perf_counter() - started, 1),
-                   "attribution_ms_per_image": timing_df.to_dict("records")},
+                   "stages": out["stages"],
+                   "attribution_ms_per_image": out["timing"].to_dict("records")},
         "patchbench_version": __version__,
-        "failures": failures,
+        "failures": out["failures"],
         "warnings": list(dict.fromkeys(w for p in parts for w in p["warnings"])),
         "plugin_problems": plugin_problems,
         "chunks": {"root": str(store.root), "reused": sum(p["chunks"][0] for p in parts),
@@ -229,32 +332,152 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
         "world": {"ranks": world.size, "device": str(device)},
         **provenance(),
     }
-    curves_png = plot_curves(curves_df) if len(curves_df) else b""
-    sections = report_sections(cfg, summary, timing_df, failures_df, flagged, extra, check_df,
-                               sanity_df, curves_png, _merge_galleries(parts, cfg))
+
+
+def _write(cfg: BenchConfig, out: dict[str, Any], run: dict[str, Any], files: dict[str, Path]) -> Path:
+    """The run folder, written whole or not at all; ``run.json`` last, with the writing's time."""
+    t0 = time.perf_counter()
+    curves_png = plot_curves(out["curves"]) if len(out["curves"]) else b""
+    extra = [*out["extra"], stages_table(out["stages"])] if out["stages"] else out["extra"]
+    sections = report_sections(cfg, out["summary"], out["timing"], out["failures_df"], out["flagged"],
+                               extra, out["metric_check"], out["sanity"], curves_png, out["galleries"])
+
+    def csv(df: pd.DataFrame, **kwargs: Any) -> Callable[[Path], None]:
+        return lambda p: df.to_csv(p, index=False, float_format="%.6g", **kwargs)
+
+    def finish(p: Path) -> None:
+        run["timing"]["stages"] = [*run["timing"]["stages"], {
+            "dataset": "-", "stage": "writing", "seconds": round(time.perf_counter() - t0, 2)}]
+        write_json(p, run)
+
+    optional = {"curves.png": (curves_png, lambda p: p.write_bytes(curves_png)),
+                "metric_check.csv": (len(out["metric_check"]), csv(out["metric_check"])),
+                "sanity.csv": (len(out["sanity"]), csv(out["sanity"])),
+                "rank_stability.csv": (len(out["rank_stability"]), csv(out["rank_stability"])),
+                "failures.csv": (out["failures"], lambda p: out["failures_df"].to_csv(p, index=False))}
     run_dir = Path(cfg.results_dir) / cfg.run
     write_run(run_dir, {
-        "scores.csv": lambda p: scores_df.to_csv(p, index=False, float_format="%.6g"),
-        "curves.csv.gz": lambda p: curves_df.to_csv(p, index=False, float_format="%.6g",
-                                                    compression="gzip"),
-        "leaderboard.csv": lambda p: board.to_csv(p, index=False, float_format="%.6g"),
-        "leaderboard.md": lambda p: p.write_text(f"# patchbench leaderboard: {cfg.run}\n\n{markdown}"),
-        **({"curves.png": lambda p: p.write_bytes(curves_png)} if curves_png else {}),
+        "scores.csv": csv(out["scores"]),
+        "curves.csv.gz": csv(out["curves"], compression="gzip"),
+        "leaderboard.csv": csv(out["leaderboard"]),
+        "leaderboard.md": lambda p: p.write_text(f"# patchbench leaderboard: {cfg.run}\n\n{out['markdown']}"),
         "report.html": lambda p: write_report(p, f"patchbench report: {cfg.run}", sections, run),
-        **({"metric_check.csv": lambda p: check_df.to_csv(p, index=False, float_format="%.6g")}
-           if len(check_df) else {}),
-        **({"sanity.csv": lambda p: sanity_df.to_csv(p, index=False, float_format="%.6g")}
-           if len(sanity_df) else {}),
-        **({"rank_stability.csv": lambda p: agreement_df.to_csv(p, index=False, float_format="%.6g")}
-           if len(agreement_df) else {}),
-        **({"failures.csv": lambda p: failures_df.to_csv(p, index=False)} if failures else {}),
-        "run.json": lambda p: write_json(p, run),
-        **{name: (lambda p, src=src: shutil.copyfile(src, p)) for name, src in train_logs.items()
+        **{name: write for name, (present, write) in optional.items() if present},
+        **{name: (lambda p, src=src: shutil.copyfile(src, p)) for name, src in files.items()
            if src.exists()},
+        "run.json": finish,
     })
-    return {"markdown": markdown, "scores": scores_df, "curves": curves_df, "summary": summary,
-            "leaderboard": board, "run_dir": run_dir, "run": run, "failures": failures,
-            "metric_check": check_df, "sanity": sanity_df, "rank_stability": agreement_df}
+    return run_dir
+
+
+def _score_method(job: Job, name: str, store: ChunkStore, part: Part
+                  ) -> tuple[list[dict[str, Any]], list[pd.DataFrame], float, Tensor]:
+    """One method on one dataset: maps, then curves under every operator, each a stored chunk.
+
+    Returns:
+        Score rows, curve frames, attribution ms per image and the maps ``[B, Hp, Wp]``.
+    """
+    cfg, images, target, dataset = job.cfg, job.images, job.target, job.run.dataset
+    method = create_method(name, job.run.adapter, **job.method_options.get(name, {}))
+    job.guard.check(f"method {name!r}")
+    maps_key = {"kind": "maps", **job.data_key, "method": method.config(),
+                "method_code": file_digest(inspect.getsourcefile(type(method)))}
+
+    def attribute() -> dict[str, Tensor]:
+        t0 = time.perf_counter()
+        with autocast(images.device, cfg.autocast):
+            maps = torch.cat([
+                method.attribute(x, t) for x, t in tqdm(
+                    list(zip(images.split(cfg.batch_size), target.split(cfg.batch_size))),
+                    desc=f"{dataset}: {name}", disable=not job.run.progress, leave=False)])
+        sync(images.device)
+        job.guard.check(f"method {name!r}")  # raising here stores nothing
+        return {"maps": maps, "seconds": torch.tensor(time.perf_counter() - t0, dtype=torch.float64)}
+
+    with part.stage(dataset, f"attribution: {name}"):
+        got = store.get(maps_key, attribute)
+    maps = got["maps"].to(images.device)
+    rows = []
+    if job.truth.any():  # localisation scores only where the dataset has ground truth
+        m = maps.cpu()
+        rows += _rows(job.base, name, "-", {"auroc": patch_auroc(m, job.truth),
+                                            "pointing_game": pointing_game(m, job.truth),
+                                            "relevance_mass": relevance_mass(m, job.truth)}, job.ids)
+    more, frames = _curve_rows(job, store, part, maps_key, maps, name)
+    return rows + more, frames, 1000 * float(got["seconds"]) / len(job.ids), maps
+
+
+def _curve_rows(job: Job, store: ChunkStore, part: Part, maps_key: dict[str, Any], maps: Tensor,
+                name: str) -> tuple[list[dict[str, Any]], list[pd.DataFrame]]:
+    """Faithfulness scores and curves of ``maps`` under every operator (stored chunks)."""
+    cfg, images = job.cfg, job.images
+    rows, frames = [], []
+    for op_name, op in job.operators.items():
+        curves_key = {**maps_key, "kind": "curves", "operator": op.config(), "steps": cfg.steps,
+                      "harness_code": source_digest(*HARNESS_SOURCES),
+                      "operator_code": file_digest(inspect.getsourcefile(type(op)))}
+
+        def score(op: Any = op, op_name: str = op_name) -> dict[str, Tensor]:
+            with autocast(images.device, cfg.autocast):
+                c = faithfulness_curves(job.run.adapter, op, images, job.target, maps,
+                                        job.references[op_name], cfg.steps, job.chunk,
+                                        progress=job.run.progress)
+            return {"x": c.x, **{f"prob_{k}": v for k, v in c.prob.items()},
+                    **{f"kl_{k}": v for k, v in c.kl.items()}}
+
+        with part.stage(job.run.dataset, f"curves: {op_name}"):
+            p = store.get(curves_key, score)
+        c = Curves(p["x"], {k: p[f"prob_{k}"] for k in CURVES}, {k: p[f"kl_{k}"] for k in CURVES})
+        rows += _rows(job.base, name, op_name, c.scores(), job.ids)
+        frames.append(_curve_frame(job.base, name, op_name, c, job.ids))
+    return rows, frames
+
+
+def _sanity_rows(job: Job, store: ChunkStore, part: Part, names: list[str], n: int
+                 ) -> list[dict[str, Any]]:
+    """Cascading model randomisation on the first ``n`` images: one stored chunk per dataset.
+
+    Each stage re-initialises one more part of the model, from the head down; every method's
+    maps on that copy are compared with its maps on the trained model (Spearman per image).
+    Both are computed here under one private seed, so a method's own randomness is the same
+    on the trained and the randomised model (the run's maps were drawn with another state).
+    """
+    cfg, adapter, options = job.cfg, job.run.adapter, job.method_options
+    images, target, dataset = job.images[:n], job.target[:n], job.run.dataset
+    stages = randomisation_stages(adapter)
+    key = {"kind": "sanity", **job.data_key, "images": n, "seed": cfg.seed, "stages": stages,
+           "sanity_code": source_digest("bench/sanity.py"),
+           "methods": {m: {"options": options.get(m, {}),
+                           "code": file_digest(inspect.getsourcefile(METHODS.get(m)))} for m in names}}
+
+    def compute() -> dict[str, Tensor]:
+        factories = {m: functools.partial(create_method, m, **options.get(m, {})) for m in names}
+        with autocast(images.device, cfg.autocast):
+            rho, errors = randomised_correlations(
+                adapter, factories, images, target, cfg.seed, job.run.progress, cfg.batch_size,
+                desc=f"{dataset}: sanity check")
+        job.guard.check("a method in the sanity check")
+        for name, why in errors.items():  # the verdict says "error"; the reason is told once
+            part.warn(f"patchbench: sanity check of {name!r} on {dataset} failed: {why}")
+        return {"spearman": rho}
+
+    rho = store.get(key, compute)["spearman"]
+    return sanity_rows(rho, names, stages, {**job.base, "images": n}, cfg.seed)
+
+
+GROUND_TRUTH = "ground-truth mask"
+
+
+def _ground_truth_rows(job: Job, store: ChunkStore, part: Part) -> list[dict[str, Any]]:
+    """Faithfulness scores of the ground-truth mask used as a map: the metric check.
+
+    Object patches rank first (ties by patch index), so a metric that measures faithfulness
+    on this data should score the mask better than the ``random`` control.
+    """
+    maps = job.truth.to(job.images.device).float()
+    key = {"kind": "maps", **job.data_key, "method": {"name": GROUND_TRUTH}}
+    rows, _ = _curve_rows(job, store, part, key, maps, GROUND_TRUTH)
+    return rows
 
 
 def _merge_galleries(parts: list[dict[str, Any]], cfg: BenchConfig) -> list[Gallery]:
@@ -334,124 +557,6 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     if device.type != "cuda":
         return t
     return t.pin_memory().to(device, non_blocking=True)
-
-
-def _score_method(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any], adapter: Any,
-                  guard: WeightGuard, name: str, options: dict[str, Any], images: Tensor, target: Tensor,
-                  truth: Tensor,
-                  operators: dict[str, Any], references: dict[str, Any], base: dict[str, str],
-                  ids: list[int], chunk: int, progress: bool
-                  ) -> tuple[list[dict[str, Any]], list[pd.DataFrame], float, Tensor]:
-    """One method on one dataset: maps, then curves under every operator, each a stored chunk.
-
-    Returns:
-        Score rows, curve frames, attribution ms per image and the maps ``[B, Hp, Wp]``.
-    """
-    method = create_method(name, adapter, **options)
-    guard.check(f"method {name!r}")
-    device = images.device
-    maps_key = {"kind": "maps", **data_key, "method": method.config(),
-                "method_code": file_digest(inspect.getsourcefile(type(method)))}
-
-    def attribute() -> dict[str, Tensor]:
-        t0 = time.perf_counter()
-        with autocast(device, cfg.autocast):
-            maps = torch.cat([
-                method.attribute(x, t) for x, t in tqdm(
-                    list(zip(images.split(cfg.batch_size), target.split(cfg.batch_size))),
-                    desc=f"{base['dataset']}: {name}", disable=not progress, leave=False)])
-        sync(device)
-        guard.check(f"method {name!r}")  # raising here stores nothing
-        return {"maps": maps, "seconds": torch.tensor(time.perf_counter() - t0, dtype=torch.float64)}
-
-    got = store.get(maps_key, attribute)
-    maps = got["maps"].to(device)
-    rows = []
-    if truth.any():  # localisation scores only where the dataset has ground truth
-        m = maps.cpu()
-        rows += _rows(base, name, "-", {"auroc": patch_auroc(m, truth),
-                                        "pointing_game": pointing_game(m, truth),
-                                        "relevance_mass": relevance_mass(m, truth)}, ids)
-    more, frames = _curve_rows(cfg, store, maps_key, adapter, maps, images, target, operators,
-                               references, base, name, ids, chunk, progress)
-    return rows + more, frames, 1000 * float(got["seconds"]) / len(ids), maps
-
-
-def _curve_rows(cfg: BenchConfig, store: ChunkStore, maps_key: dict[str, Any], adapter: Any,
-                maps: Tensor, images: Tensor, target: Tensor, operators: dict[str, Any],
-                references: dict[str, Any], base: dict[str, str], name: str, ids: list[int],
-                chunk: int, progress: bool) -> tuple[list[dict[str, Any]], list[pd.DataFrame]]:
-    """Faithfulness scores and curves of ``maps`` under every operator (stored chunks)."""
-    device = images.device
-    rows, frames = [], []
-    for op_name, op in operators.items():
-        curves_key = {**maps_key, "kind": "curves", "operator": op.config(), "steps": cfg.steps,
-                      "harness_code": source_digest(*HARNESS_SOURCES),
-                      "operator_code": file_digest(inspect.getsourcefile(type(op)))}
-
-        def score(op: Any = op, op_name: str = op_name) -> dict[str, Tensor]:
-            with autocast(device, cfg.autocast):
-                c = faithfulness_curves(adapter, op, images, target, maps, references[op_name],
-                                        cfg.steps, chunk, progress=progress)
-            return {"x": c.x, **{f"prob_{k}": v for k, v in c.prob.items()},
-                    **{f"kl_{k}": v for k, v in c.kl.items()}}
-
-        p = store.get(curves_key, score)
-        c = Curves(p["x"], {k: p[f"prob_{k}"] for k in CURVES}, {k: p[f"kl_{k}"] for k in CURVES})
-        rows += _rows(base, name, op_name, c.scores(), ids)
-        frames.append(_curve_frame(base, name, op_name, c, ids))
-    return rows, frames
-
-
-def _sanity_rows(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any], adapter: Any,
-                 guard: WeightGuard, method_options: dict[str, dict[str, Any]], names: list[str],
-                 images: Tensor, target: Tensor, base: dict[str, str], warn: Any,
-                 progress: bool) -> list[dict[str, Any]]:
-    """Cascading model randomisation on the first images: one stored chunk per dataset.
-
-    Each stage re-initialises one more part of the model, from the head down; every method's
-    maps on that copy are compared with its maps on the trained model (Spearman per image).
-    Both are computed here under one private seed, so a method's own randomness is the same
-    on the trained and the randomised model (the run's maps were drawn with another state).
-    """
-    stages = randomisation_stages(adapter)
-    key = {"kind": "sanity", **data_key, "images": len(images), "seed": cfg.seed, "stages": stages,
-           "sanity_code": source_digest("bench/sanity.py"),
-           "methods": {m: {"options": method_options.get(m, {}),
-                           "code": file_digest(inspect.getsourcefile(METHODS.get(m)))} for m in names}}
-
-    def compute() -> dict[str, Tensor]:
-        factories = {m: functools.partial(create_method, m, **method_options.get(m, {})) for m in names}
-        with autocast(images.device, cfg.autocast):
-            rho, errors = randomised_correlations(
-                adapter, factories, images, target, cfg.seed, progress, cfg.batch_size,
-                desc=f"{base['dataset']}: sanity check")
-        guard.check("a method in the sanity check")
-        for name, why in errors.items():  # the verdict says "error"; the reason is told once
-            warn(f"patchbench: sanity check of {name!r} on {base['dataset']} failed: {why}")
-        return {"spearman": rho}
-
-    rho = store.get(key, compute)["spearman"]
-    return sanity_rows(rho, names, stages, {**base, "images": len(images)}, cfg.seed)
-
-
-GROUND_TRUTH = "ground-truth mask"
-
-
-def _ground_truth_rows(cfg: BenchConfig, store: ChunkStore, data_key: dict[str, Any], adapter: Any,
-                       images: Tensor, target: Tensor, truth: Tensor, operators: dict[str, Any],
-                       references: dict[str, Any], base: dict[str, str], ids: list[int], chunk: int,
-                       progress: bool) -> list[dict[str, Any]]:
-    """Faithfulness scores of the ground-truth mask used as a map: the metric check.
-
-    Object patches rank first (ties by patch index), so a metric that measures faithfulness
-    on this data should score the mask better than the ``random`` control.
-    """
-    maps = truth.to(images.device).float()
-    key = {"kind": "maps", **data_key, "method": {"name": GROUND_TRUTH}}
-    rows, _ = _curve_rows(cfg, store, key, adapter, maps, images, target, operators, references,
-                          base, GROUND_TRUTH, ids, chunk, progress)
-    return rows
 
 
 # Chunk keys hold the source their results depend on, and nothing else: editing the report,
