@@ -58,3 +58,13 @@ def test_help_does_not_import_torch(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "usage: patchbench" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_public_api_is_exported_from_the_top_level_package():
+    import importlib
+
+    for name in patchbench.__all__:
+        obj = getattr(patchbench, name)
+        if name != "__version__":
+            assert obj is getattr(importlib.import_module(patchbench._API[name]), name)
+    assert callable(patchbench.run_benchmark) and "faithfulness_curves" in dir(patchbench)

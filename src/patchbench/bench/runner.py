@@ -122,7 +122,7 @@ class Part:
             yield
         finally:
             self.stages.append({"dataset": dataset, "stage": name,
-                                "seconds": time.perf_counter() - t0})
+                                "seconds": round(time.perf_counter() - t0, 2)})
 
 
 @dataclass
@@ -176,7 +176,7 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
     out = _collect(parts, cfg, sample_ids)
     world.broadcast(out["failures"])
     out["stages"].append({"dataset": "-", "stage": "statistics and tables",
-                          "seconds": time.perf_counter() - t0})
+                          "seconds": round(time.perf_counter() - t0, 2)})
     run = _run_record(cfg, models, sample_ids, parts, out, plugin_problems, store, world, device, started)
     out.update(run=run, run_dir=_write(cfg, out, run, files))
     return out
