@@ -30,6 +30,9 @@ class RunContext:
             node while the others wait (torchrun); no-op in a single process.
         timing_only: The run only times the components (``patchbench speed``): a trained
             artifact whose cost does not depend on its training may be an untrained stand-in.
+        sample_ids: Every evaluated sample's id, in sample order (all processes').
+        ids: This process's share of ``sample_ids``.
+        images: This process's model inputs ``[n, 3, H, W]``, in the order of ``ids``.
     """
 
     cfg: Any
@@ -40,6 +43,9 @@ class RunContext:
     progress: bool = True
     once_per_node: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     timing_only: bool = False
+    sample_ids: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    images: Any = None
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

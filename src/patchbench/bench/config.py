@@ -71,6 +71,9 @@ class BenchConfig:
                                         "512MiB or 4GB: the rows per pass are chosen to fit it (at "
                                         "most --chunk-size); scores do not change")
     results_dir: str = setting("results", "folder of the run folders and the stored chunks")
+    maps: tuple[str, ...] = setting((), "score maps computed elsewhere, as method maps:<file stem>: a "
+                                    ".pt/.npz/.safetensors file of sample id -> [Hp, Wp], or [N, Hp, Wp] "
+                                    "in sample order (repeatable)", flags=("--maps",), repeat=True)
     plugins: tuple[str, ...] = setting((), "load a plugin: path/to/file.py or module:object "
                                        "(repeatable; adds to the config's)", flags=("--plugin",),
                                        repeat=True)

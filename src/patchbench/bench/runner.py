@@ -49,6 +49,7 @@ from patchbench.datasets.base import select_samples
 from patchbench.datasets.files import FileDataset
 from patchbench.memory import choose_chunk, parse_bytes
 from patchbench.methods import METHODS, create_method
+from patchbench.methods.precomputed import register_maps_file
 from patchbench.metrics import (
     CURVES,
     faithfulness_curves,
@@ -86,6 +87,9 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
     results, the same as a single process would (the other ranks return empty tables).
     """
     plugin_problems = _load_plugins(cfg)
+    for path in cfg.maps:  # maps computed elsewhere are scored as methods maps:<file stem>
+        name = register_maps_file(path)
+        cfg.methods = cfg.methods if name in cfg.methods else (*cfg.methods, name)
     cfg.validate()
     check_replaceable(Path(cfg.results_dir) / cfg.run)  # before minutes of work, not after
     world, device_name = init_world(cfg.device)
@@ -213,7 +217,8 @@ def _prepare(cfg: BenchConfig, dataset: str, world: World, device: torch.device,
     correct, seen = world.all_sum([(pred == labels).sum().item(), len(ids)])
     meta["eval_accuracy"] = round(correct / seen, 4)
     # each method and operator takes what it needs from the run through its own hook
-    run = RunContext(cfg, dataset, adapter, meta, files, progress, world.local_rank0_first)
+    run = RunContext(cfg, dataset, adapter, meta, files, progress, world.local_rank0_first,
+                     sample_ids=all_ids, ids=ids, images=images)
     with part.stage(dataset, "components (explainer training, dataset statistics)"):
         method_options = {m: options_from_run(METHODS.get(m), run, cfg.method_options.get(m, {}))
                           for m in cfg.methods}
@@ -260,10 +265,11 @@ def _check(job: Job, scored: list[str], world: World, store: ChunkStore, part: P
     """The checks of one dataset: model randomisation (on rank 0's first images) and the
     ground-truth mask against the random control (where the dataset has ground truth)."""
     dataset, n_sanity = job.run.dataset, min(job.cfg.sanity_images, len(job.ids))
-    if world.rank == 0 and n_sanity >= 2 and scored:
+    checkable = [m for m in scored if getattr(METHODS.get(m), "sanity_checkable", True)]
+    if world.rank == 0 and n_sanity >= 2 and checkable:
         try:
             with part.stage(dataset, "sanity check"):
-                part.sanity += _sanity_rows(job, store, part, scored, n_sanity)
+                part.sanity += _sanity_rows(job, store, part, checkable, n_sanity)
         except ModelChangedError as e:
             part.warn(f"patchbench: sanity check on {dataset} skipped: {e}")
     if job.truth.any() and "random" in scored:  # the check compares the mask with random

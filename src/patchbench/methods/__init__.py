@@ -9,6 +9,7 @@ from patchbench.methods import (  # noqa: F401  (registration)
     diffmask,
     gradients,
     perturbation,
+    precomputed,
 )
 from patchbench.methods.base import (
     METHODS,

@@ -37,6 +37,8 @@ class Method:
         uses_gradients: Run ``_attribute`` with autograd enabled (otherwise ``no_grad``).
         needs_tokens: Needs a ViT's tokens or attention (a :class:`ViTAdapter`); methods
             without it work on any image classifier.
+        sanity_checkable: Its maps can be recomputed on a randomised model (the sanity
+            check); False for maps read from a file.
 
     Args:
         adapter: The model to explain.
@@ -45,6 +47,7 @@ class Method:
     name = "base"
     uses_gradients = False
     needs_tokens = False
+    sanity_checkable = True
 
     @classmethod
     def options_from_run(cls, run: RunContext, options: dict[str, Any]) -> dict[str, Any]:
