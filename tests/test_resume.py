@@ -19,12 +19,11 @@ import torch
 from patchbench.bench import BenchConfig, run_benchmark
 from patchbench.bench.chunks import ChunkStore, MissingChunkError, checksum
 from patchbench.bench.regress import (
-    TOLERANCE,
     RegressionError,
     compare,
     reference_scores,
     regress,
-    score_kind,
+    tolerances,
 )
 from patchbench.cli import main
 from patchbench.methods import METHODS
@@ -394,7 +393,7 @@ def test_regression_trips_on_a_degraded_method(tiny_config, glyphs_model, one_th
 
     table = regress(str(config), refs, update=True, **kw)
     saved = json.loads((refs / "tiny.json").read_text())
-    assert saved["config"] == "tiny" and saved["tolerance"] == TOLERANCE
+    assert saved["config"] == "tiny" and saved["tolerance"] == tolerances()
     assert saved["n_scores"] == len(saved["scores"]) == len(table) == 2 * (7 + 3)
     assert "glyphs/mean/rollout/srg" in saved["scores"] and "glyphs/-/random/auroc" in saved["scores"]
     assert (table.status == "ok").all()
@@ -427,7 +426,7 @@ def test_reference_without_tolerance_uses_the_default(tiny_config, glyphs_model,
     with pytest.raises(RegressionError) as err:
         regress(str(config), refs, progress=False, results_dir=str(results))
     message = str(err.value)
-    assert all(f"{kind} {allowed}" in message for kind, allowed in TOLERANCE.items())
+    assert all(f"{name} {allowed}" in message for name, allowed in tolerances().items())
     rows = [line for line in message.splitlines() if line.startswith("| glyphs/")]
     assert len(rows) == 2 * (7 + 3) and all(line.endswith("| new |") for line in rows)
 
@@ -454,9 +453,12 @@ def test_compare_verdicts():
     assert pd.isna(gone["now"]) and pd.isna(gone["allowed"]) and gone["reference"] == 0.2
     assert set(compare(ref, ref, tol).status) == {"ok"}
     assert list(compare(ref, now, tol).score) == sorted(set(ref) | set(now))
-    assert set(TOLERANCE) == {score_kind(k) for k in ("a/b/c/srg", "a/-/c/auroc", "a/b/c/lerf_prob_auc",
-                                                       "a/b/c/deletion_kl_auc", "a/-/c/pointing_game",
-                                                       "a/-/c/relevance_mass")}
+    # per-score tolerances (references written since issue 14) take precedence over kinds
+    per_score = compare(ref, now, {**tol, "deletion_prob_auc": 0.1}).set_index("score")
+    assert per_score.loc["g/mean/m/deletion_prob_auc", "status"] == "ok"
+    from patchbench.metrics.scores import scores
+
+    assert set(tolerances()) == {s.name for s in scores()} and all(v > 0 for v in tolerances().values())
 
 
 def test_reference_scores_are_means_per_key():

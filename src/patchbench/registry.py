@@ -78,6 +78,10 @@ class Registry(Generic[T]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.list())
 
+    def values(self) -> list[Callable[..., T]]:
+        """The registered entries in registration order (``list`` sorts names for people)."""
+        return list(self._entries.values())
+
 
 def _where(factory: Callable[..., Any]) -> str:
     return f"{factory.__module__}.{getattr(factory, '__qualname__', factory)}"

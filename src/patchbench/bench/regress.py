@@ -15,22 +15,20 @@ from typing import Any
 import pandas as pd
 
 from patchbench.bench.config import BenchConfig, read_config
+from patchbench.metrics.scores import scores
 from patchbench.utils import provenance, write_json
 
 REFERENCE_DIR = Path("results/reference")
-# Allowed |now - reference| per kind of score: twice the largest shift measured when every model
-# and explainer was retrained with 1 CPU thread instead of 2 (another float reduction order, as
-# another machine gives); two runs on one machine are byte-identical. See docs/regression.md.
-# twice the largest shift measured when the models and explainers are retrained on another
-# CPU (AMD EPYC -> Intel Xeon, same packages; docs/regression.md): scores on one machine are
-# byte-identical, so every shift under this comes from retraining, and breaking a method
-# (rollout's maps shuffled: SRG 0.77 -> about 0) is far beyond it
-TOLERANCE = {"auroc": 0.18, "prob_auc": 0.15, "srg": 0.22, "kl_auc": 1.2,
-             "pointing_game": 0.34, "relevance_mass": 0.16}
+def tolerances() -> dict[str, float]:
+    """Allowed |now - reference| per score, as each score declares it (``metrics/scores.py``):
+    twice the largest shift measured when every model and explainer was retrained on another
+    CPU; two runs on one machine are byte-identical. See docs/regression.md."""
+    return {s.name: s.tolerance for s in scores()}
 
 
 def score_kind(key: str) -> str:
-    """``glyphs/mean/rollout/deletion_kl_auc`` -> ``kl_auc`` (the tolerance that applies)."""
+    """``glyphs/mean/rollout/deletion_kl_auc`` -> ``kl_auc``: the kind that references written
+    before per-score tolerances (issue 14) keyed their tolerance by."""
     metric = key.rsplit("/", 1)[-1]
     for kind in ("kl_auc", "prob_auc"):
         if metric.endswith(kind):
@@ -52,8 +50,9 @@ def compare(reference: dict[str, float], current: dict[str, float],
             tolerance: dict[str, float]) -> pd.DataFrame:
     """Every score with its reference, difference, allowed difference and verdict.
 
-    A score is ``moved`` when ``|now - ref|`` exceeds ``tolerance[score_kind(key)]``; a score
-    only in one of the two is ``missing`` or ``new``; a kind with no tolerance allows 0.
+    A score is ``moved`` when ``|now - ref|`` exceeds its tolerance (by score name, or by
+    :func:`score_kind` in older references); a score only in one of the two is ``missing`` or
+    ``new``; a score with no tolerance allows 0.
     """
     rows = []
     for key in sorted(set(reference) | set(current)):
@@ -62,7 +61,8 @@ def compare(reference: dict[str, float], current: dict[str, float],
             rows.append({"score": key, "reference": ref, "now": now, "diff": None, "allowed": None,
                          "status": "new" if ref is None else "missing"})
             continue
-        allowed = float(tolerance.get(score_kind(key), 0.0))
+        metric = key.rsplit("/", 1)[-1]
+        allowed = float(tolerance.get(metric, tolerance.get(score_kind(key), 0.0)))
         diff = now - ref
         rows.append({"score": key, "reference": ref, "now": now, "diff": diff, "allowed": allowed,
                      "status": "moved" if abs(diff) > allowed else "ok"})
@@ -104,7 +104,7 @@ def regress(config: str, reference_dir: str | Path = REFERENCE_DIR, update: bool
     if update:
         import json
 
-        tolerance = TOLERANCE
+        tolerance = tolerances()
         write_json(path, {"config": name, "tolerance": tolerance, "scores": current,
                           "n_scores": len(current), "seconds": round(time.perf_counter() - start, 1),
                           **{k: v for k, v in provenance().items() if k in ("git_commit", "packages")}})
@@ -112,12 +112,13 @@ def regress(config: str, reference_dir: str | Path = REFERENCE_DIR, update: bool
     import json
 
     ref = json.loads(path.read_text())
-    table = compare(ref["scores"], current, ref.get("tolerance", TOLERANCE))
+    tolerance = ref.get("tolerance", tolerances())
+    table = compare(ref["scores"], current, tolerance)
     bad = table[table.status != "ok"]
     if len(bad):
         raise RegressionError(
             f"{len(bad)} of {len(table)} scores of config {name!r} differ from {path} beyond the "
-            f"tolerance ({', '.join(f'{k} {v}' for k, v in ref.get('tolerance', TOLERANCE).items())}):\n\n"
+            f"tolerance ({', '.join(f'{k} {v}' for k, v in tolerance.items())}):\n\n"
             + render(bad) + "\n\nIf the change is intended: make regress-update")
     return table
 

@@ -18,7 +18,7 @@ import pandas as pd
 from scipy import stats
 
 from patchbench.bench.report import Gallery, Section, Table
-from patchbench.metrics import LOCALISATION_METRICS, MAIN_METRIC, METRICS
+from patchbench.metrics.scores import MAIN_SCORE, score, scores
 from patchbench.metrics.stats import bootstrap_ci, holm, normalise, paired_test, rank_agreement
 from patchbench.utils import make_temp_dir
 
@@ -35,7 +35,6 @@ CELL_NOTE = ("Cells: mean [95% bootstrap CI]. **Bold**: the best mean in the col
 NORM_NOTE = ("Normalised: (score - random) / (best - random), so the `random` control is 0 and "
              "the best method in the column 1; below 0 is worse than random; – where random is "
              "the best (nothing to normalise by).")
-FAITHFULNESS_COLUMNS = ["srg", "deletion_prob_auc", "lerf_prob_auc", "deletion_kl_auc", "lerf_kl_auc"]
 
 
 def summarise(scores: pd.DataFrame, level: float = 0.95, n_boot: int = 2000, seed: int = 0,
@@ -63,7 +62,7 @@ def summarise(scores: pd.DataFrame, level: float = 0.95, n_boot: int = 2000, see
         low, high = bootstrap_ci(cell.to_numpy(), level, n_boot, seed)
         rows.append((*keys, cell.mean(), low, high, len(cell)))
     out = pd.DataFrame(rows, columns=[*GROUP, "method", "metric", "mean", "ci_low", "ci_high", "n"])
-    out["higher_is_better"] = out.metric.map(lambda m: METRICS[m].higher_is_better)
+    out["higher_is_better"] = out.metric.map(lambda m: score(m).higher_is_better)
     out["verdict"], out["p_vs_best"], out["normalised"] = "", np.nan, np.nan
     for _, column in out.groupby([*GROUP, "metric"], sort=False):
         _judge(out, column, scores, alpha)
@@ -142,7 +141,7 @@ def ground_truth_check(truth_scores: pd.DataFrame, scores: pd.DataFrame,
     rows = []
     for (dataset, model, op, metric), g in both.groupby([*GROUP, "metric"], sort=False):
         t, r = g.value_truth.to_numpy(), g.value_random.to_numpy()
-        better = t.mean() > r.mean() if METRICS[metric].higher_is_better else t.mean() < r.mean()
+        better = t.mean() > r.mean() if score(metric).higher_is_better else t.mean() < r.mean()
         p = paired_test(t, r)
         rows.append((dataset, model, op, metric, t.mean(), r.mean(), p,
                      "pass" if better and p < alpha else "flag"))
@@ -189,11 +188,11 @@ def sanity_table(sanity: pd.DataFrame) -> list[Table]:
 def verdict_lines(summary: pd.DataFrame, check: pd.DataFrame, sanity: pd.DataFrame) -> list[str]:
     """Plain sentences for the top of the report: who wins where, with what confidence."""
     lines = []
-    main = summary[summary.metric == MAIN_METRIC]
+    main = summary[summary.metric == MAIN_SCORE]
     for (dataset, _model, op), g in main.groupby(GROUP, sort=False):
         best = g[g.verdict == "best"].method.tolist()
         ties = g[g.verdict == "tie"].method.tolist()
-        text = f"{dataset} · operator {op}: best {METRICS[MAIN_METRIC].label} is {', '.join(best)}"
+        text = f"{dataset} · operator {op}: best {score(MAIN_SCORE).label} is {', '.join(best)}"
         text += (f"; not significantly different from it: {', '.join(ties)}." if ties
                  else "; every other method is significantly worse.")
         lines.append(text)
@@ -205,7 +204,7 @@ def verdict_lines(summary: pd.DataFrame, check: pd.DataFrame, sanity: pd.DataFra
         flags = check[check.verdict == "flag"]
         lines.append("Metric check: the ground-truth mask beats random on every faithfulness metric."
                      if not len(flags) else "Metric check: flagged (the ground-truth mask does not "
-                     "beat random): " + "; ".join(f"{c.dataset} {c.operator} {METRICS[c.metric].label}"
+                     "beat random): " + "; ".join(f"{c.dataset} {c.operator} {score(c.metric).label}"
                                                    for c in flags.itertuples()) + ".")
     if len(sanity):
         verdicts = sanity.drop_duplicates(["dataset", "method"])
@@ -247,7 +246,7 @@ def report_sections(cfg: Any, summary: pd.DataFrame, timing: pd.DataFrame, failu
 
 def _ordered(group: pd.DataFrame, metric: str) -> list[str]:
     main = group[group.metric == metric].set_index("method")["mean"]
-    return main.sort_values(ascending=not METRICS[metric].higher_is_better, kind="stable").index.tolist()
+    return main.sort_values(ascending=not score(metric).higher_is_better, kind="stable").index.tolist()
 
 
 def _cell(c: pd.Series) -> tuple[str, str]:
@@ -259,7 +258,7 @@ def _cell(c: pd.Series) -> tuple[str, str]:
 
 
 def _header(metric: str) -> str:
-    return f"{METRICS[metric].label} {'↑' if METRICS[metric].higher_is_better else '↓'}"
+    return f"{score(metric).label} {'↑' if score(metric).higher_is_better else '↓'}"
 
 
 def leaderboard_tables(summary: pd.DataFrame, timing: pd.DataFrame | None = None,
@@ -282,7 +281,7 @@ def leaderboard_tables(summary: pd.DataFrame, timing: pd.DataFrame | None = None
     groups += list(summary[summary.operator == "-"].groupby(GROUP, sort=False))
     for (dataset, model, op), group in groups:
         faithful = op != "-"
-        wanted = FAITHFULNESS_COLUMNS if faithful else list(LOCALISATION_METRICS)
+        wanted = [s.name for s in scores("faithfulness" if faithful else "localisation") if s.column]
         metrics = [m for m in wanted if m in set(group.metric)]
         header = ["method", *(_header(m) + (" ⚠" if (dataset, op, m) in flags else "")
                               for m in metrics), "n"]
@@ -320,7 +319,7 @@ def normalised_tables(summary: pd.DataFrame) -> list[Table]:
     for (dataset, model, op), group in tied.groupby(GROUP, sort=False):
         if group.normalised.isna().all():  # no random control in this table
             continue
-        metrics = [m for m in FAITHFULNESS_COLUMNS if m in set(group.metric)]
+        metrics = [s.name for s in scores("faithfulness") if s.column and s.name in set(group.metric)]
         cells = group.set_index(["method", "metric"])["normalised"].dropna()
         rows = [[method, *(f"{cells[(method, m)]:.2f}" if (method, m) in cells.index else "–"
                            for m in metrics)] for method in _ordered(group, metrics[0])]
@@ -335,7 +334,7 @@ def agreement_table(agreement: pd.DataFrame) -> Table:
     rows = []
     for (dataset, model, metric), g in agreement.groupby(["dataset", "model", "metric"], sort=False):
         taus = dict(zip(g.operators, g.tau))
-        rows.append([dataset, model, METRICS[metric].label,
+        rows.append([dataset, model, score(metric).label,
                      *(f"{taus[p]:.2f}" if p in taus and np.isfinite(taus[p]) else "–" for p in pairs)])
     note = ("Kendall's tau between the rankings of the methods by mean score under two removal "
             "operators: 1 = the same order, 0 = unrelated, -1 = reversed. A low tau means the "
@@ -400,11 +399,11 @@ def wide_leaderboard(summary: pd.DataFrame) -> pd.DataFrame:
     wide.columns = [m if stat == "mean" else f"{m}_{stat}" for stat, m in wide.columns]
     n = summary.groupby(index, sort=False)["n"].max()
     wide = wide.join(n).reset_index()
-    metric_cols = [f"{m}{s}" for m in METRICS for s in ("", "_ci_low", "_ci_high", "_verdict")
-                   if f"{m}{s}" in wide.columns]
+    metric_cols = [f"{m.name}{s}" for m in scores() for s in ("", "_ci_low", "_ci_high", "_verdict")
+                   if f"{m.name}{s}" in wide.columns]
     wide = wide[[*index, *metric_cols, "n"]]
     groups = {g: i for i, g in enumerate(dict.fromkeys(map(tuple, summary[GROUP].to_numpy())))}
-    main = wide[MAIN_METRIC] if MAIN_METRIC in wide else pd.Series(np.nan, index=wide.index)
+    main = wide[MAIN_SCORE] if MAIN_SCORE in wide else pd.Series(np.nan, index=wide.index)
     sort_by = main.where(main.notna(), wide.get("auroc", main))
     rank = sort_by.groupby([wide[c] for c in GROUP], sort=False).rank(ascending=False, method="first")
     group_pos = wide[GROUP].apply(tuple, axis=1).map(groups)

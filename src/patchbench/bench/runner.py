@@ -53,11 +53,9 @@ from patchbench.methods.precomputed import register_maps_file
 from patchbench.metrics import (
     CURVES,
     faithfulness_curves,
+    localisation_scores,
     log_probs,
-    patch_auroc,
-    pointing_game,
     prepare_reference,
-    relevance_mass,
 )
 from patchbench.metrics.faithfulness import Curves
 from patchbench.models import OPERATORS, create_operator, load_model
@@ -405,10 +403,7 @@ def _score_method(job: Job, name: str, store: ChunkStore, part: Part
     maps = got["maps"].to(images.device)
     rows = []
     if job.truth.any():  # localisation scores only where the dataset has ground truth
-        m = maps.cpu()
-        rows += _rows(job.base, name, "-", {"auroc": patch_auroc(m, job.truth),
-                                            "pointing_game": pointing_game(m, job.truth),
-                                            "relevance_mass": relevance_mass(m, job.truth)}, job.ids)
+        rows += _rows(job.base, name, "-", localisation_scores(maps.cpu(), job.truth), job.ids)
     more, frames = _curve_rows(job, store, part, maps_key, maps, name)
     return rows + more, frames, 1000 * float(got["seconds"]) / len(job.ids), maps
 

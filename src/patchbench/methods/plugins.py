@@ -90,11 +90,12 @@ def contract_problem(cls: type) -> str | None:
 
 
 def _registries() -> list[Any]:
-    """Every registry a plugin module may add to (methods, datasets, operators, models)."""
+    """Every registry a plugin module may add to (methods, datasets, operators, models, scores)."""
     from patchbench.datasets import DATASETS
+    from patchbench.metrics.scores import SCORES
     from patchbench.models import MODELS, OPERATORS
 
-    return [METHODS, DATASETS, OPERATORS, MODELS]
+    return [METHODS, DATASETS, OPERATORS, MODELS, SCORES]
 
 
 def _registered() -> set[tuple[int, str]]:
@@ -118,7 +119,7 @@ def _add(label: str, load: Callable[[], Any], name: str | None = None) -> list[s
                    and c.__module__ == obj.__name__ and c._attribute is not Method._attribute]
         if not defined:
             return [f"plugin {label} defines no Method subclass overriding _attribute and registers "
-                    "no method, dataset, operator or model"]
+                    "no method, dataset, operator, model or score"]
         return [p for c in defined for p in _add(f"{label}:{c.__name__}", lambda c=c: c)]
     problem = contract_problem(obj)
     if problem:

@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 
 from patchbench.metrics.functional import (
     CURVES,
-    auc,
     keep_masks,
     kl_divergence,
     patch_ranking,
     step_counts,
 )
+from patchbench.metrics.scores import faithfulness_scores
 from patchbench.models.adapter import ViTAdapter
 from patchbench.models.removal import RemovalOperator
 
@@ -56,14 +56,9 @@ class Curves:
     kl: dict[str, Tensor]
 
     def scores(self) -> dict[str, Tensor]:
-        """Per-image AUCs (trapezoid over ``x`` in [0, 1]) and SRG, each ``[B]``."""
-        out = {}
-        for curve in self.prob:
-            out[f"{curve}_prob_auc"] = auc(self.x, self.prob[curve])
-            out[f"{curve}_kl_auc"] = auc(self.x, self.kl[curve])
-        if "lerf" in self.prob and "deletion" in self.prob:
-            out["srg"] = out["lerf_prob_auc"] - out["deletion_prob_auc"]
-        return out
+        """Every declared faithfulness score these curves allow, each ``[B]``: the AUCs
+        (trapezoid over ``x`` in [0, 1]), SRG, and any score a plugin registers."""
+        return faithfulness_scores(self)
 
 
 # On a CPU every forward pass of the harness runs exactly this many rows (the last one padded):
