@@ -3,6 +3,7 @@
 The public API, importable from here (loaded on first use, so ``import patchbench`` and
 ``patchbench --help`` stay fast)::
 
+    from patchbench import evaluate       # names or objects in, the results out
     from patchbench import BenchConfig, run_benchmark                 # a whole run
     from patchbench import load_model, create_method, create_operator  # the parts
     from patchbench import faithfulness_curves, prepare_reference
@@ -18,6 +19,7 @@ except metadata.PackageNotFoundError:  # running from a source tree without inst
 
 # name -> module that defines it
 _API = {
+    "evaluate": "patchbench.api",
     "BenchConfig": "patchbench.bench.config",
     "run_benchmark": "patchbench.bench.runner",
     "RunContext": "patchbench.context",

@@ -71,10 +71,11 @@ class RunContext:
     def _mean_colour(self) -> dict[str, Any]:
         import torch
 
+        from patchbench.datasets import DATASETS
         from patchbench.datasets.stats import train_mean_colour
 
-        colour = train_mean_colour(self.dataset, self.seed, self.cfg.data_root,
-                                   self.cfg.dataset_options.get(self.dataset))
+        colour = None if self.dataset not in DATASETS else train_mean_colour(  # data given as tensors
+            self.dataset, self.seed, self.cfg.data_root, self.cfg.dataset_options.get(self.dataset))
         if colour is None:
             colour = {"rgb": list(self.adapter.mean), "source": "the model's normalisation mean "
                       f"({self.dataset} has no training split)"}

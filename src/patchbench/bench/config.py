@@ -92,8 +92,12 @@ class BenchConfig:
                                                          help="[dataset_options.<dataset>] tables")
     diffmask_config: dict[str, Any] = setting(factory=dict, cli=False, help="DiffMaskConfig overrides")
 
-    def validate(self) -> None:
-        """Fails early, before any training or scoring, on an unknown name or bad value."""
+    def validate(self, given: set[str] = frozenset()) -> None:
+        """Fails early, before any training or scoring, on an unknown name or bad value.
+
+        Args:
+            given: Method and operator names that Python callers gave as objects (not looked up).
+        """
         from patchbench.datasets import DATASETS
         from patchbench.methods import METHODS
         from patchbench.models import MODELS, OPERATORS
@@ -104,17 +108,20 @@ class BenchConfig:
             raise ValueError(f"steps must be 0 (one step per patch) or at least 2, got {self.steps}: "
                              "a curve needs a point between 'nothing removed' and 'all removed'")
 
-        if self.model not in MODELS and not self.model.startswith("hf:"):
+        if self.model not in MODELS and not self.model.startswith("hf:") and self.model not in given:
             import timm
 
             if not timm.is_model(self.model):
                 MODELS.get(self.model)  # raises, listing the embedded models
         for d in self.datasets:
-            DATASETS.get(d)
+            if d not in given:
+                DATASETS.get(d)
         for m in self.methods:
-            METHODS.get(m)
+            if m not in given:
+                METHODS.get(m)
         for o in self.operators:
-            OPERATORS.get(o)
+            if o not in given:
+                OPERATORS.get(o)
         for f in fields(self):
             allowed = f.metadata.get("choices")
             value = getattr(self, f.name)

@@ -48,7 +48,7 @@ from patchbench.datasets import DATASETS, create_dataset
 from patchbench.datasets.base import select_samples
 from patchbench.datasets.files import FileDataset
 from patchbench.memory import choose_chunk, parse_bytes
-from patchbench.methods import METHODS, create_method
+from patchbench.methods import METHODS, Method, create_method
 from patchbench.methods.precomputed import register_maps_file
 from patchbench.metrics import (
     CURVES,
@@ -74,7 +74,7 @@ from patchbench.utils import (
 SCORE_COLUMNS = ["model", "dataset", "method", "operator", "metric", "sample_id", "value"]
 
 
-def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
+def run_benchmark(cfg: BenchConfig, progress: bool = True, given: Given | None = None) -> dict[str, Any]:
     """Runs the benchmark and writes ``results/<run>/``; returns the tables and paths.
 
     Files: ``scores.csv`` (one row per image per metric), ``curves.csv.gz`` (long form),
@@ -83,17 +83,45 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
     Under torchrun every rank scores its share of the images and rank 0 writes the merged
     results, the same as a single process would (the other ranks return empty tables).
+    ``given`` holds objects that stand in for names (see :func:`patchbench.evaluate`).
     """
     plugin_problems = _load_plugins(cfg)
     for path in cfg.maps:  # maps computed elsewhere are scored as methods maps:<file stem>
         name = register_maps_file(path)
         cfg.methods = cfg.methods if name in cfg.methods else (*cfg.methods, name)
-    cfg.validate()
+    given = given or Given()
+    cfg.validate(given=given.names(cfg))
     check_replaceable(Path(cfg.results_dir) / cfg.run)  # before minutes of work, not after
     world, device_name = init_world(cfg.device)
-    out = _run(cfg, world, resolve_device(device_name), plugin_problems, progress and world.is_writer)
+    out = _run(cfg, world, resolve_device(device_name), plugin_problems, progress and world.is_writer,
+               given)
     close_world(world)
     return out
+
+
+@dataclass
+class Given:
+    """Objects that stand in for names in a run (Python callers): a model, samples, method
+    instances or classes, operator instances. Whatever is not given is made from its name.
+
+    Attributes:
+        model: The adapter and its ``run.json`` record, or None.
+        samples: Pixels ``[N, 3, H, W]`` in [0, 1], labels ``[N]``, pixel masks ``[N, H, W]``,
+            sample ids, and what identifies them (part of the chunk keys), or None.
+        methods: Name -> a :class:`Method` instance or class.
+        operators: Name -> a removal operator instance.
+    """
+
+    model: tuple[Any, dict[str, Any]] | None = None
+    samples: tuple[Tensor, Tensor, Tensor, list[int], dict[str, Any]] | None = None
+    methods: dict[str, Any] = field(default_factory=dict)
+    operators: dict[str, Any] = field(default_factory=dict)
+
+    def names(self, cfg: BenchConfig) -> set[str]:
+        """The config's names that stand for given objects (not looked up in registries)."""
+        model = {cfg.model} if self.model else set()
+        data = set(cfg.datasets) if self.samples else set()
+        return model | data | set(self.methods) | set(self.operators)
 
 
 @dataclass
@@ -146,6 +174,7 @@ class Job:
     references: dict[str, Any]
     data_key: dict[str, Any]
     gallery: dict[str, Any] | None
+    instances: dict[str, Any] = field(default_factory=dict)  # methods given as objects
 
     @property
     def cfg(self) -> BenchConfig:
@@ -157,7 +186,7 @@ class Job:
 
 
 def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: list[str],
-         progress: bool) -> dict[str, Any]:
+         progress: bool, given: Given) -> dict[str, Any]:
     """The run: prepare each dataset, execute each method on it, run the checks; then collect
     every process's part and write the run folder."""
     started = time.perf_counter()
@@ -166,7 +195,7 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
     store = ChunkStore(Path(cfg.results_dir) / ".chunks", cfg.overwrite, part.warn)
     models, sample_ids, files = {}, {}, {}
     for dataset in cfg.datasets:
-        job = _prepare(cfg, dataset, world, device, files, part, progress)
+        job = _prepare(cfg, dataset, world, device, files, part, progress, given)
         models[dataset], sample_ids[dataset] = job.run.meta, job.all_ids
         scored = [m for m in cfg.methods if _execute(job, m, store, part)]
         _check(job, scored, world, store, part)
@@ -185,17 +214,18 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
 
 
 def _prepare(cfg: BenchConfig, dataset: str, world: World, device: torch.device,
-             files: dict[str, Path], part: Part, progress: bool) -> Job:
+             files: dict[str, Path], part: Part, progress: bool, given: Given) -> Job:
     """Loads the model and the images, creates the operators (each taking what it needs from
     the run) and computes what every method's curves share."""
     with part.stage(dataset, "model"), world.local_rank0_first():  # one rank per node trains
-        adapter, meta = _load_model(cfg, dataset, progress)
+        adapter, meta = given.model or _load_model(cfg, dataset, progress)
     _check_token_needs(cfg, adapter)
     adapter.to(device)
     guard = WeightGuard(adapter.model)  # every method must leave the weights as they are
     meta["weights_digest"] = guard.digest
     with part.stage(dataset, "data"):
-        pixels, labels, gt_pixels, all_ids = _load_samples(cfg, dataset, adapter)
+        pixels, labels, gt_pixels, all_ids, source = given.samples or (
+            *_load_samples(cfg, dataset, adapter), _data_source(cfg, dataset))
     if gt_pixels.any() and tuple(pixels.shape[-2:]) != adapter.img_size:
         raise ValueError(f"{dataset} images are {tuple(pixels.shape[-2:])}, the model takes "
                          f"{adapter.img_size}: ground-truth masks would not line up with patches")
@@ -219,20 +249,22 @@ def _prepare(cfg: BenchConfig, dataset: str, world: World, device: torch.device,
                      sample_ids=all_ids, ids=ids, images=images)
     with part.stage(dataset, "components (explainer training, dataset statistics)"):
         method_options = {m: options_from_run(METHODS.get(m), run, cfg.method_options.get(m, {}))
-                          for m in cfg.methods}
-        operators = {name: _create_operator(name, run) for name in cfg.operators}
+                          for m in cfg.methods if m not in given.methods}
+        operators = {name: given.operators.get(name) or _create_operator(name, run)
+                     for name in cfg.operators}
     meta["operators"] = {name: op.config() for name, op in operators.items()}
     with part.stage(dataset, "references (clean and all-removed passes)"), autocast(device, cfg.autocast):
         references = {name: prepare_reference(adapter, op, images, torch.tensor(ids), chunk, logp_clean)
                       for name, op in operators.items()}
     data_key = {"model": meta["key"], "weights": guard.digest, "dataset": dataset,
-                "source": _data_source(cfg, dataset), "sample_ids": stable_hash(ids, 24),
+                "source": source, "sample_ids": stable_hash(ids, 24),
                 "target": cfg.target, "precision": [device.type, cfg.autocast], "version": __version__,
                 "code": source_digest(*CORE_SOURCES)}
     target = pred if cfg.target == "prediction" else labels
     gallery = _gallery_start(cfg, dataset, adapter, pixels[part_], labels, pred, truth, ids)
+    instances = {m: obj if isinstance(obj, Method) else obj(adapter) for m, obj in given.methods.items()}
     return Job(run, guard, images, target, truth, ids, all_ids, chunk, method_options, operators,
-               references, data_key, gallery)
+               references, data_key, gallery, instances)
 
 
 def _execute(job: Job, name: str, store: ChunkStore, part: Part) -> bool:
@@ -382,7 +414,8 @@ def _score_method(job: Job, name: str, store: ChunkStore, part: Part
         Score rows, curve frames, attribution ms per image and the maps ``[B, Hp, Wp]``.
     """
     cfg, images, target, dataset = job.cfg, job.images, job.target, job.run.dataset
-    method = create_method(name, job.run.adapter, **job.method_options.get(name, {}))
+    method = job.instances.get(name) or create_method(name, job.run.adapter,
+                                                      **job.method_options.get(name, {}))
     job.guard.check(f"method {name!r}")
     maps_key = {"kind": "maps", **job.data_key, "method": method.config(),
                 "method_code": file_digest(inspect.getsourcefile(type(method)))}
@@ -448,11 +481,12 @@ def _sanity_rows(job: Job, store: ChunkStore, part: Part, names: list[str], n: i
     stages = randomisation_stages(adapter)
     key = {"kind": "sanity", **job.data_key, "images": n, "seed": cfg.seed, "stages": stages,
            "sanity_code": source_digest("bench/sanity.py"),
-           "methods": {m: {"options": options.get(m, {}),
-                           "code": file_digest(inspect.getsourcefile(METHODS.get(m)))} for m in names}}
+           "methods": {m: {"options": options.get(m, {}), "code": file_digest(inspect.getsourcefile(
+               type(job.instances[m]) if m in job.instances else METHODS.get(m)))} for m in names}}
 
     def compute() -> dict[str, Tensor]:
-        factories = {m: functools.partial(create_method, m, **options.get(m, {})) for m in names}
+        factories = {m: _factory(job.instances[m]) if m in job.instances
+                     else functools.partial(create_method, m, **options.get(m, {})) for m in names}
         with autocast(images.device, cfg.autocast):
             rho, errors = randomised_correlations(
                 adapter, factories, images, target, cfg.seed, job.run.progress, cfg.batch_size,
@@ -464,6 +498,12 @@ def _sanity_rows(job: Job, store: ChunkStore, part: Part, names: list[str], n: i
 
     rho = store.get(key, compute)["spearman"]
     return sanity_rows(rho, names, stages, {**job.base, "images": n}, cfg.seed)
+
+
+def _factory(method: Method) -> Callable[[Any], Method]:
+    """Makes ``method`` again for another model, with its own options (the sanity check)."""
+    options = {k: v for k, v in method.config().items() if k != "name"}
+    return lambda adapter: type(method)(adapter, **options)
 
 
 GROUND_TRUTH = "ground-truth mask"
@@ -608,8 +648,8 @@ def _check_token_needs(cfg: BenchConfig, adapter: Any) -> None:
         return
     from patchbench.models.adapter import NotAViTError
 
-    methods = [m for m in cfg.methods if METHODS.get(m).needs_tokens]
-    operators = [o for o in cfg.operators if OPERATORS.get(o).needs_tokens]
+    methods = [m for m in cfg.methods if m in METHODS and METHODS.get(m).needs_tokens]
+    operators = [o for o in cfg.operators if o in OPERATORS and OPERATORS.get(o).needs_tokens]
     if methods or operators:
         ok_m = [m for m in METHODS.list() if not METHODS.get(m).needs_tokens]
         ok_o = [o for o in OPERATORS.list() if not OPERATORS.get(o).needs_tokens]
