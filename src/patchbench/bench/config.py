@@ -96,32 +96,17 @@ class BenchConfig:
         """Fails early, before any training or scoring, on an unknown name or bad value.
 
         Args:
-            given: Method and operator names that Python callers gave as objects (not looked up).
+            given: Names that Python callers gave as objects (not looked up in registries).
         """
-        from patchbench.datasets import DATASETS
-        from patchbench.methods import METHODS
-        from patchbench.models import MODELS, OPERATORS
-
         check_types(vars(self))
         check_run_name(self.run)
+        self._check_values()
+        self._check_names(given)
+
+    def _check_values(self) -> None:
         if self.steps is not None and self.steps < 2:
             raise ValueError(f"steps must be 0 (one step per patch) or at least 2, got {self.steps}: "
                              "a curve needs a point between 'nothing removed' and 'all removed'")
-
-        if self.model not in MODELS and not self.model.startswith("hf:") and self.model not in given:
-            import timm
-
-            if not timm.is_model(self.model):
-                MODELS.get(self.model)  # raises, listing the embedded models
-        for d in self.datasets:
-            if d not in given:
-                DATASETS.get(d)
-        for m in self.methods:
-            if m not in given:
-                METHODS.get(m)
-        for o in self.operators:
-            if o not in given:
-                OPERATORS.get(o)
         for f in fields(self):
             allowed = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -144,8 +129,24 @@ class BenchConfig:
             torch.device(self.device)  # raises on a malformed name
             if self.device.startswith("cuda") and not torch.cuda.is_available():
                 raise ValueError(f"device {self.device!r} asked for, but CUDA is not available here")
-        from patchbench.methods.diffmask_train import DiffMaskConfig
 
+    def _check_names(self, given: set[str]) -> None:
+        """Every named component exists (a typo lists the valid names) and takes its options."""
+        from patchbench.datasets import DATASETS
+        from patchbench.methods import METHODS
+        from patchbench.methods.diffmask_train import DiffMaskConfig
+        from patchbench.models import MODELS, OPERATORS
+
+        if self.model not in MODELS and not self.model.startswith("hf:") and self.model not in given:
+            import timm
+
+            if not timm.is_model(self.model):
+                MODELS.get(self.model)  # raises, listing the embedded models
+        for names, registry in ((self.datasets, DATASETS), (self.methods, METHODS),
+                                (self.operators, OPERATORS)):
+            for name in names:
+                if name not in given:
+                    registry.get(name)
         known = {f.name for f in fields(DiffMaskConfig)}
         unknown = sorted(set(self.diffmask_config) - known)
         if unknown:
