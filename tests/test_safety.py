@@ -591,3 +591,21 @@ def test_sigint_during_a_run(tmp_path, glyphs_model):
     assert run.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("patchbench: interrupted")
     assert list((tmp_path / ".chunks").glob("*.pt")) and not (tmp_path / "i").exists()
+
+
+def test_disk_full_while_storing_a_chunk_stops_the_run_in_one_line(tmp_path, glyphs_model, monkeypatch,
+                                                                    capsys, one_thread):
+    from patchbench.bench import chunks
+
+    def full(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(chunks.torch, "save", full)
+    code = bench(tmp_path, "--run", "full", "--datasets", "glyphs", "--methods", "random,rollout",
+                 "--operators", "mean", "--n-images", "4", "--steps", "2", "--sanity-images", "0")
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("patchbench: error: No space left on device: ")
+    assert err.count("\n") == 1  # not a method failure per method, not a traceback
+    assert not (tmp_path / "full").exists()
+    assert [p.name for p in (tmp_path / ".chunks").iterdir()] == []  # no half-written chunk

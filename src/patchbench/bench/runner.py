@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import inspect
@@ -277,11 +278,12 @@ def _execute(job: Job, name: str, store: ChunkStore, part: Part) -> bool:
         rows, frames, ms, maps = _score_method(job, name, store, part)
     except (MissingChunkError, KeyboardInterrupt, WeightsLostError):
         raise
+    except OSError as e:
+        if e.errno in DISK_FULL:  # not the method's fault: the whole run stops, one line
+            raise
+        return _failed(job, name, part, e)
     except Exception as e:  # one method's failure must not cost the others' results
-        reason = f"{type(e).__name__}: {e}".splitlines()[0]
-        part.failures.append({"dataset": job.run.dataset, "method": name, "error": reason})
-        part.warn(f"patchbench: method {name!r} failed on {job.run.dataset}: {reason}")
-        return False
+        return _failed(job, name, part, e)
     part.scores += rows
     part.curves += frames
     if job.gallery:
@@ -289,6 +291,17 @@ def _execute(job: Job, name: str, store: ChunkStore, part: Part) -> bool:
     part.timing.append({"dataset": job.run.dataset, "method": name, "ms_per_image": ms,
                         "images": len(job.ids)})
     return True
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _failed(job: Job, name: str, part: Part, e: Exception) -> bool:
+    """Records one method's failure (a row in failures.csv and a warning)."""
+    reason = f"{type(e).__name__}: {e}".splitlines()[0]
+    part.failures.append({"dataset": job.run.dataset, "method": name, "error": reason})
+    part.warn(f"patchbench: method {name!r} failed on {job.run.dataset}: {reason}")
+    return False
 
 
 def _check(job: Job, scored: list[str], world: World, store: ChunkStore, part: Part) -> None:
