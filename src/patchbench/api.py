@@ -6,7 +6,6 @@ method and operator instances) and gets back the results the command line writes
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from patchbench.datasets.base import select_samples
 from patchbench.methods import METHODS, Method
 from patchbench.models.adapter import ImageAdapter, ViTAdapter
 from patchbench.models.removal import RemovalOperator
-from patchbench.utils import weights_digest
+from patchbench.utils import tensor_digest, weights_digest
 
 
 def evaluate(model: str | nn.Module | ImageAdapter, data: Any,
@@ -94,7 +93,7 @@ def _given_data(data: Any, given: Given, settings: dict[str, Any]) -> str:
     n = settings.setdefault("n_images", len(ids))
     if n < len(ids):
         ids = select_samples(labels, n, settings.get("seed", 0))
-    source = {"given": name, "sha256": _digest(images, labels, masks)}
+    source = {"given": name, "sha256": tensor_digest(images, labels, masks)[:24]}
     given.samples = (images[ids], labels[ids], masks[ids].bool(), ids, source)
     return name
 
@@ -110,13 +109,6 @@ def _check_samples(images: Tensor, labels: Tensor, masks: Tensor) -> None:
     if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
         raise ValueError("images must be finite pixel values in [0, 1] (they are normalised by the model's "
                          "adapter)")
-
-
-def _digest(*tensors: Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:24]
 
 
 def _given_method(method: str | Method | type[Method], given: Given) -> list[str]:

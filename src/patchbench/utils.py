@@ -50,6 +50,14 @@ def make_temp_dir(parent: Path, prefix: str) -> Path:
     return path
 
 
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """SHA-256 of the tensors' contents (identifies images or data given as tensors)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of every parameter and buffer (name, dtype, shape and bytes) of ``model``.
 

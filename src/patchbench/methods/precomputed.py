@@ -24,6 +24,7 @@ from torch import Tensor
 
 from patchbench.methods.base import METHODS, Method
 from patchbench.models.adapter import ImageAdapter
+from patchbench.utils import tensor_digest
 
 SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
 
@@ -71,7 +72,7 @@ def read_maps(path: str | Path) -> Tensor | dict[int, Tensor]:
 
 def image_digest(image: Tensor) -> str:
     """Identifies an image by its pixels (a model input ``[3, H, W]``)."""
-    return hashlib.sha256(image.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return tensor_digest(image.float())
 
 
 class PrecomputedMaps(Method):
