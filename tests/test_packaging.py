@@ -40,12 +40,13 @@ def test_every_imported_third_party_package_is_declared():
     assert third_party - declared() == set()
 
 
-def test_py_typed_and_configs_ship_with_the_package():
+def test_py_typed_configs_and_templates_ship_with_the_package():
     package = Path(patchbench.__file__).parent
     assert (package / "py.typed").is_file()
     assert {p.stem for p in (package / "configs").glob("*.toml")} >= {"default", "ci"}
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert set(data["patchbench"]) == {"configs/*.toml", "py.typed"}
+    assert set(data["patchbench"]) == {"configs/*.toml", "bench/templates/*", "py.typed"}
+    assert {p.name for p in (package / "bench" / "templates").iterdir()} == {"report.html", "report.css"}
 
 
 def test_help_does_not_import_torch(tmp_path):

@@ -27,6 +27,7 @@ from patchbench.bench.report import (
     render_report,
     write_report,
 )
+from patchbench.bench.tables import Cell
 
 EVIL = "<script>alert(1)</script>"
 VOID = {"img", "meta", "br", "hr", "input", "link", "wbr", "col", "source"}
@@ -133,7 +134,8 @@ def test_user_text_is_escaped_everywhere():
     gallery = _gallery(n=2, methods=(EVIL, 'q" onerror="alert(2)'))
     gallery.captions = [EVIL, "x"]
     gallery.title = EVIL
-    table = Table(EVIL, ["method", EVIL], [[EVIL, "0.5"]], [EVIL], [["", "best"]])
+    table = Table(EVIL, ["method", EVIL], [[EVIL, Cell(0.5, ".1f", mark="best")],
+                                           ["x", Cell(EVIL, mark="fail")]], [EVIL])
     page = render_report(EVIL, [Section(EVIL, [EVIL], [table], [(EVIL, _png(4, 4))], [gallery])],
                          {EVIL: {"nested": EVIL}})
     assert "<script" not in page.lower()
@@ -291,13 +293,14 @@ def test_non_finite_maps_and_bad_shapes():
 
 
 def test_marks_become_classes_on_their_cells():
-    rows = [["attention", "**0.512** [0.401, 0.622]", "0.20", "ok"],
-            ["rollout", "0.498 [0.380, 0.610] ≈", "0.31", "pass"],
-            ["random", "0.101 [0.050, 0.150]", "–", "flag"],
-            ["broken", "failed: out of memory", "", ""]]
+    rows = [["attention", Cell(0.5123, ".3f", 0.401, 0.622, "best"), Cell(0.2, ".2f"), "ok"],
+            ["rollout", Cell(0.498, ".3f", 0.38, 0.61, "tie", "≈"), Cell(0.31, ".2f"),
+             Cell("pass", mark="pass")],
+            ["random", Cell(0.101, ".3f", 0.05, 0.15, "worse"), Cell(None, ".2f"), Cell("flag", mark="flag")],
+            ["broken", Cell("failed: out of memory", mark="fail"), "", ""]]
     marks = [["", "best", "", ""], ["", "tie", "", "pass"], ["", "worse", "", "flag"], ["", "fail", "", ""]]
     page = _report(Section("s", tables=[Table("board `mean`", ["method", "SRG ↑", "ms", "check"], rows,
-                                              ["note with `code`"], marks)]))
+                                              ["note with `code`"])]))
     table = parse(page).find("table", "scores")[0]
     cells = [tr.find("td") for tr in table.find("tr")[1:]]
     got = [[c.classes - {"num"} for c in row] for row in cells]
@@ -309,14 +312,24 @@ def test_marks_become_classes_on_their_cells():
     best = cells[0][1]
     assert best.find("strong")[0].text() == "0.512" and best.text() == "0.512 [0.401, 0.622]"
     assert cells[1][1].text() == "0.498 [0.380, 0.610]≈"  # the mark in its own aligned span
+    assert cells[2][2].text() == "–"  # a missing number
     assert "<code>mean</code>" in page and "<code>code</code>" in page
 
 
+def test_a_column_is_numeric_by_its_cells_not_by_its_text():
+    """Numbers written as text stay text; a failure text does not make a score column textual."""
+    table = Table("t", ["a", "b", "c"], [["1.5", Cell(2.0, ".1f"), Cell("n/a")],
+                                         ["2.5", Cell("failed: x", mark="fail"), Cell("n/a")],
+                                         ["3.5", Cell(4.0, ".1f"), Cell(None)]])
+    assert table.numeric == [False, True, False]
+    scores = parse(_report(Section("s", tables=[table]))).find("table", "scores")[0]
+    head = [th.classes for th in scores.find("th")]
+    assert head == [set(), {"num"}, set()]
+
+
 def test_bad_marks_are_refused():
-    with pytest.raises(ValueError, match="shape"):
-        _report(Section("s", tables=[Table("t", ["a", "b"], [["1", "2"]], marks=[["best"]])]))
     with pytest.raises(ValueError, match="unknown mark 'gold'"):
-        _report(Section("s", tables=[Table("t", ["a"], [["1"]], marks=[["gold"]])]))
+        Cell("1", mark="gold")
 
 
 # -- writing -------------------------------------------------------------------------------------------
@@ -329,8 +342,9 @@ def test_write_report_replaces_the_file_whole(tmp_path):
     assert path.read_text(encoding="utf-8") == render_report("run", sections, {"seed": 0})
     assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044  # readable by others, like the run's files
     before = path.read_text(encoding="utf-8")
+    broken = Gallery("g", torch.rand(2, 3, 16, 16), {"m": torch.rand(3, 4, 4)})  # 3 maps for 2 images
     with pytest.raises(ValueError):
-        write_report(path, "run", [Section("s", tables=[Table("t", ["a"], [["1"]], marks=[["gold"]])])], {})
+        write_report(path, "run", [Section("s", tables=[Table("t", ["a"], [["1"]])], galleries=[broken])], {})
     assert path.read_text(encoding="utf-8") == before
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary file left
 
@@ -401,16 +415,15 @@ def test_chromium_draws_the_gallery_and_the_table(tmp_path):
     maps = {"a": torch.rand(1, 4, 4), "b": torch.rand(1, 4, 4)}
     truth = torch.zeros(1, 4, 4, dtype=torch.bool)
     truth[0, 1:3, 1:3] = True
-    rows = [["attention", "0.900 [0.800, 1.000]", "12"], ["random", "0.100 [0.000, 0.200]", "3"]]
-    marks = [["", "best", ""], ["", "worse", ""]]
-
-    def sections(table_marks):
-        return [Section("Scores", tables=[Table("board", ["method", "SRG ↑", "n"], rows, [], table_marks)]),
+    def sections(marked):
+        rows = [["attention", Cell(0.9, ".3f", 0.8, 1.0, "best" if marked else ""), 12],
+                ["random", Cell(0.1, ".3f", 0.0, 0.2, "worse" if marked else ""), 3]]
+        return [Section("Scores", tables=[Table("board", ["method", "SRG ↑", "n"], rows, [])]),
                 Section("Gallery", galleries=[Gallery("magenta", images, maps, truth, ["one"])])]
 
-    good = render_report("check", sections(marks), {})
+    good = render_report("check", sections(True), {})
     src = re.search(r'<td class="image"><img src="(data:image/png;base64,[^"]+)"', good).group(1)
-    bad = render_report("check", sections(None), {}).replace(src, "data:image/png;base64,iVBORw0KGgoAAAAA")
+    bad = render_report("check", sections(False), {}).replace(src, "data:image/png;base64,iVBORw0KGgoAAAAA")
     assert src not in bad
 
     shots = {}

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from patchbench.bench.config import BenchConfig, read_config
+from patchbench.bench.tables import Cell, Table, markdown
 from patchbench.metrics.scores import scores
 from patchbench.utils import provenance, write_json
 
@@ -124,13 +125,8 @@ def regress(config: str, reference_dir: str | Path = REFERENCE_DIR, update: bool
 
 
 def render(table: pd.DataFrame) -> str:
-    """The comparison rows as a Markdown table."""
-    lines = ["| score | reference | now | diff | allowed | status |", "|---|---|---|---|---|---|"]
-
-    def f(v: Any, fmt: str = ".4f") -> str:
-        return "–" if v is None or pd.isna(v) else format(v, fmt)
-
-    for r in table.itertuples():
-        lines.append(f"| {r.score} | {f(r.reference)} | {f(r.now)} | {f(r.diff, '+.4f')} | "
-                     f"{f(r.allowed)} | {r.status} |")
-    return "\n".join(lines)
+    """The comparison rows as a Markdown table (no title)."""
+    rows = [[r.score, Cell(r.reference, ".4f"), Cell(r.now, ".4f"), Cell(r.diff, "+.4f"),
+             Cell(r.allowed, ".4f"), r.status] for r in table.itertuples()]
+    header = ["score", "reference", "now", "diff", "allowed", "status"]
+    return markdown(Table("", header, rows), heading=None).rstrip("\n")

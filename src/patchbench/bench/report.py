@@ -1,11 +1,14 @@
 """A run as one static HTML page: tables, figures and a gallery of maps, nothing to serve.
 
+The page is rendered from the Jinja2 template ``templates/report.html`` (with
+``report.css``) with autoescape on, so every text given to it is HTML-escaped; two Markdown
+marks that the tables share with ``leaderboard.md`` survive: ``**bold**`` and ```code```.
+Tables are the typed :class:`~patchbench.bench.tables.Table`: numeric columns are known
+from the cells, not guessed from their text.
+
 Everything is inline (CSS in a ``<style>``, images as base64 ``data:`` URIs, no script,
 no web fonts), so ``results/<run>/report.html`` opens from disk, offline, and can be mailed
 as one file. A Content-Security-Policy in the page forbids loading anything else.
-
-All text given to the renderer is HTML-escaped. Two Markdown marks that the leaderboard
-tables share with ``leaderboard.md`` survive: ``**bold**`` and ```code```.
 
 Gallery pictures are small PNGs with a whole number of pixels per patch (about
 :data:`CELL_PIXELS` on the longer side), so every patch of a map is one solid block; the
@@ -15,7 +18,7 @@ maps are drawn over a grey copy of the image and min-max scaled per image.
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 import re
@@ -23,14 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
+from markupsafe import Markup, escape
 from PIL import Image
 from torch import Tensor
 
+from patchbench.bench.tables import MARKS, Table
 from patchbench.utils import atomic_path
 
+__all__ = ["MARKS", "Gallery", "Section", "Table", "render_report", "write_report"]
+
 CELL_PIXELS = 96  # gallery pictures: about this many pixels on the longer side
-MARKS = ("", "best", "tie", "worse", "fail", "pass", "flag")
 COLORMAP = "inferno"  # perceptually uniform, dark = low, bright = high
 HEAT_ALPHA = 0.65  # weight of the map's colour over the grey image
 PALETTE = 128  # map and ground-truth pictures with more colours are quantised to this many
@@ -45,25 +52,6 @@ MARK_STYLES = {  # class -> CSS declarations
 }
 TRUTH_COLOUR = (0.16, 0.92, 0.33)  # tint and outline of the ground-truth patches
 MISSING_COLOUR = (0.55, 0.55, 0.55)  # patches whose relevance is NaN or infinite
-
-
-@dataclass
-class Table:
-    """A rendered table: cells are already-formatted strings.
-
-    Attributes:
-        title: Heading of the table.
-        header: Column names.
-        rows: Cells, one list per row (normally as long as ``header``).
-        notes: Lines printed under the table.
-        marks: Optional CSS class per cell, the shape of ``rows``: one of :data:`MARKS`.
-    """
-
-    title: str
-    header: list[str]
-    rows: list[list[str]]
-    notes: list[str] = field(default_factory=list)
-    marks: list[list[str]] | None = None
 
 
 @dataclass
@@ -103,124 +91,6 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     figures: list[tuple[str, bytes]] = field(default_factory=list)  # (caption, PNG bytes)
     galleries: list[Gallery] = field(default_factory=list)
-
-
-CSS = """
-:root { color-scheme: light; }
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif;
-       color: #1d232a; background: #fff; margin: 0 auto; max-width: 1560px; padding: 10px 28px 60px; }
-h1 { font-size: 24px; margin: 14px 0 8px; }
-h2 { font-size: 19px; margin: 34px 0 8px; border-bottom: 2px solid #d5dbe1; padding-bottom: 3px; }
-h3 { font-size: 15px; margin: 22px 0 6px; }
-p { margin: 6px 0; max-width: 1100px; }
-a { color: #1f5f9e; text-decoration: none; } a:hover { text-decoration: underline; }
-code { font: 12.5px ui-monospace, "DejaVu Sans Mono", monospace; background: #eef1f4;
-       padding: 0 3px; border-radius: 3px; }
-nav.toc { background: #f5f7f9; border: 1px solid #e2e6ea; border-radius: 6px; padding: 8px 16px;
-          margin: 8px 0 4px; max-width: 1100px; }
-nav.toc ol { margin: 4px 0; padding-left: 22px; } nav.toc li { margin: 2px 0; }
-nav.toc .sub { color: #6b7480; font-size: 12px; } nav.toc .sub a { color: #3f6f9c; }
-.wrap { overflow-x: auto; max-width: 100%; }
-table.scores { border-collapse: collapse; margin: 4px 0 6px; font-size: 13px; }
-table.scores th { background: HEADER; color: #fff; font-weight: 600; padding: 5px 10px;
-                  text-align: left; white-space: nowrap; }
-table.scores td { border-bottom: 1px solid #e2e6ea; padding: 3px 10px; white-space: nowrap; }
-table.scores tr:hover td { box-shadow: inset 0 0 0 9999px rgba(47, 74, 102, 0.06); }
-table.scores .num { text-align: right; font-variant-numeric: tabular-nums; }
-table.scores .trail { display: inline-block; width: 1.2em; text-align: left; padding-left: 0.2em; }
-MARKS
-.note { color: #56606b; font-size: 12px; max-width: 1100px; margin: 3px 0; }
-figure { margin: 10px 0; } figure img { max-width: 100%; height: auto; border: 1px solid #e2e6ea; }
-figcaption { color: #56606b; font-size: 12px; }
-.legend { display: flex; align-items: center; gap: 8px; color: #56606b; font-size: 12px;
-          margin: 2px 0 6px; flex-wrap: wrap; }
-.legend img { image-rendering: pixelated; border: 1px solid #c9d0d6; }
-.legend .swatch { display: inline-block; width: 12px; height: 12px; border: 2px solid TRUTH;
-                  background: rgba(41, 235, 84, 0.35); vertical-align: -2px; }
-table.gallery { border-collapse: separate; border-spacing: 3px; margin: 4px 0 16px; }
-table.gallery th { font-size: 11.5px; font-weight: 600; padding: 2px 2px 4px; width: 100px; max-width: 100px;
-                   overflow-wrap: anywhere; vertical-align: bottom; text-align: center; }
-table.gallery th.truth, table.gallery td.truth { padding-right: 8px; }
-table.gallery td { padding: 0; vertical-align: top; text-align: center; }
-table.gallery td.image { padding-right: 8px; }
-table.gallery img { image-rendering: pixelated; display: block; margin: 0 auto; }
-table.gallery .caption { font-size: 11px; color: #56606b; max-width: 110px; line-height: 1.25;
-                         margin: 2px 0 4px; overflow-wrap: anywhere; }
-table.gallery .caption span { white-space: nowrap; }
-details { margin: 6px 0; } summary { cursor: pointer; color: #1f5f9e; }
-table.provenance { border-collapse: collapse; font-size: 12px; margin: 6px 0; }
-table.provenance th { text-align: left; font-weight: 600; padding: 2px 14px 2px 0; vertical-align: top;
-                      white-space: nowrap; font-family: ui-monospace, "DejaVu Sans Mono", monospace; }
-table.provenance td { padding: 2px 0; font-family: ui-monospace, "DejaVu Sans Mono", monospace;
-                      white-space: pre-wrap; overflow-wrap: anywhere; }
-pre.json { background: #f5f7f9; padding: 10px; font-size: 12px; overflow-x: auto; }
-"""
-
-
-def _css() -> str:
-    marks = "\n".join(f"table.scores td.{k} {{ {v} }}" for k, v in MARK_STYLES.items())
-    truth = "#{:02x}{:02x}{:02x}".format(*(round(255 * c) for c in TRUTH_COLOUR))
-    return CSS.replace("HEADER", HEADER_BACKGROUND).replace("MARKS", marks).replace("TRUTH", truth)
-
-
-# -- text --------------------------------------------------------------------------------------------
-
-_BOLD = re.compile(r"\*\*(.+?)\*\*")
-_CODE = re.compile(r"`([^`]+)`")
-_NUMBER = re.compile(
-    r"[+\-−]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:[eE][+\-−]?\d+)?\s*%?"  # 0.512, 1e-05, 1,024, 12 %
-    r"(?:\s*[\[(][^\])]*[\])])?"  # an interval: [0.401, 0.622] or (± 0.1)
-    r"(?:\s*[≈⚠*†‡]+)*"  # trailing marks
-    r"|nan|NaN|inf|-inf|±\s*\S+")
-_TRAIL = re.compile(r"\s*[≈⚠†‡]+$")  # marks after a number, aligned in a column of their own
-_PLACEHOLDERS = {"", "–", "-", "—", "n/a", "NA", "?"}
-_NUM_CLASS = ' class="num"'
-
-
-def _e(text: Any) -> str:
-    """``text`` as HTML-escaped characters (quotes included: safe in attributes)."""
-    return html.escape(str(text), quote=True)
-
-
-def _inline(text: Any) -> str:
-    """Escaped text in which Markdown ``**bold**`` and ```code``` become HTML."""
-    out = _CODE.sub(r"<code>\1</code>", _e(text))
-    return _BOLD.sub(r"<strong>\1</strong>", out)
-
-
-def _plain(text: Any) -> str:
-    """Text without the Markdown marks (for ``alt`` and ``title`` attributes), escaped."""
-    return _e(str(text).replace("**", "").replace("`", ""))
-
-
-def _breakable(name: str) -> str:
-    """Escaped ``name`` that may wrap after ``_``, ``-``, ``.`` and ``/`` (long method names)."""
-    return re.sub(r"([_\-./])", r"\1<wbr>", _e(name))
-
-
-def _caption(text: str) -> str:
-    """Escaped caption that wraps only between its ``·``-separated parts."""
-    return " · ".join(f"<span>{_inline(part)}</span>" for part in str(text).split(" · "))
-
-
-def _is_number(cell: str) -> bool:
-    return _NUMBER.fullmatch(cell.replace("**", "").strip()) is not None
-
-
-class _Anchors:
-    """Unique, readable ``id`` values for the page's headings."""
-
-    def __init__(self) -> None:
-        self.used: set[str] = {"contents", "provenance"}
-
-    def __call__(self, title: str) -> str:
-        base = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")[:60] or "part"
-        anchor, k = base, 1
-        while anchor in self.used:
-            k += 1
-            anchor = f"{base}-{k}"
-        self.used.add(anchor)
-        return anchor
 
 
 # -- pictures ----------------------------------------------------------------------------------------
@@ -385,20 +255,29 @@ def outline(image: Tensor, truth: Tensor, size: tuple[int, int] | None = None) -
     return (out * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def _img(rgb: np.ndarray, alt: str, palette: int | None = None, cls: str = "") -> str:
-    c = f' class="{cls}"' if cls else ""
-    return (f'<img{c} src="{png_data_uri(encode_png(rgb, palette))}" width="{rgb.shape[1]}" '
-            f'height="{rgb.shape[0]}" alt="{_plain(alt)}">')
+# -- the page ----------------------------------------------------------------------------------------
 
 
-def _colourbar(width: int = 120, height: int = 10) -> str:
+@dataclass(frozen=True)
+class Picture:
+    """An ``<img>`` of the page: a ``data:`` URI, its size in pixels (0: its own) and alt text."""
+
+    src: str
+    alt: str
+    width: int = 0
+    height: int = 0
+    cls: str = ""
+
+
+def _picture(rgb: np.ndarray, alt: str, palette: int | None = None) -> Picture:
+    return Picture(png_data_uri(encode_png(rgb, palette)), alt, rgb.shape[1], rgb.shape[0])
+
+
+def _colourbar(width: int = 120, height: int = 10) -> Picture:
     from matplotlib import colormaps
 
     ramp = colormaps[COLORMAP](np.linspace(0, 1, width))[None, :, :3].repeat(height, 0)
-    return _img((ramp * 255).round().astype(np.uint8), f"{COLORMAP} colour scale, low to high")
-
-
-# -- parts of the page -------------------------------------------------------------------------------
+    return _picture((ramp * 255).round().astype(np.uint8), f"{COLORMAP} colour scale, low to high")
 
 
 def _check_gallery(gallery: Gallery) -> None:
@@ -415,124 +294,102 @@ def _check_gallery(gallery: Gallery) -> None:
                              f"expected [{n}, Hp, Wp]")
 
 
-def render_gallery(gallery: Gallery, anchor: str | None = None) -> str:
-    """One row per image: the image, its ground truth (if known), then every method's map.
-
-    Args:
-        gallery: The images and maps.
-        anchor: ``id`` of the heading.
+def gallery_view(gallery: Gallery) -> dict[str, Any]:
+    """The pictures of a gallery, row by row, for the template.
 
     Returns:
-        HTML: a heading, a legend and a table of ``N`` rows and ``1 + [truth] + methods``
-        pictures each.
+        ``title, methods, has_truth, colourbar`` and ``rows``: per image its ``image``,
+        ``caption``, ``truth`` (a picture or None) and ``maps`` (one picture per method).
 
     Raises:
-        ValueError: When the images or a map do not have the documented shapes.
+        ValueError: When the images or a map do not have the shapes :class:`Gallery` documents.
     """
     _check_gallery(gallery)
-    n = gallery.images.shape[0]
+    image_size = tuple(gallery.images.shape[-2:])
     grids = [tuple(m.shape[-2:]) for m in gallery.maps.values()]
     if gallery.truth is not None:
         grids.insert(0, tuple(gallery.truth.shape[-2:]))
-    image_size = tuple(gallery.images.shape[-2:])
     size = picture_size(grids[0] if grids else None, image_size)
-    ident = f' id="{anchor}"' if anchor else ""
-    truth_note = (' <span><span class="swatch"></span> ground-truth patches</span>'
-                  if gallery.truth is not None else "")
-    out = [f"<h3{ident}>{_inline(gallery.title)}</h3>",
-           f'<div class="legend">{_colourbar()}<span>brighter = more relevant, scaled per image '
-           f"(each map min-max over its patches); one block per patch</span>{truth_note}</div>"]
-    if n == 0:
-        return "\n".join([*out, '<p class="note">No images.</p>'])
-    head = ['<th class="image">image</th>']
-    if gallery.truth is not None:
-        head.append('<th class="truth">ground truth</th>')
-    head += [f'<th title="{_plain(name)}">{_breakable(name)}</th>' for name in gallery.maps]
-    out += ['<div class="wrap"><table class="gallery">', "<tr>" + "".join(head) + "</tr>"]
-    for i in range(n):
-        image = gallery.images[i]
+    rows = []
+    for i, image in enumerate(gallery.images):
         caption = gallery.captions[i] if i < len(gallery.captions) else ""
-        greys: dict[tuple[int, int], np.ndarray] = {}  # the image in grey per picture size
         shown = image_pixels(image, size)
-        greys[size] = _grey(shown)
-        shown = (shown * 255).round().astype(np.uint8)
-        cells = [f'<td class="image">{_img(shown, f"image {i}: {caption}".rstrip(": "))}'
-                 + (f'<div class="caption">{_caption(caption)}</div>' if caption else "") + "</td>"]
+        greys = {size: _grey(shown)}  # the image in grey per picture size
+        truth = None
         if gallery.truth is not None:
             pic = outline(image, gallery.truth[i], picture_size(tuple(gallery.truth.shape[-2:]), image_size))
-            cells.append(f'<td class="truth">{_img(pic, f"ground truth {i}", PALETTE)}</td>')
+            truth = _picture(pic, f"ground truth {i}", PALETTE)
+        maps = []
         for name, m in gallery.maps.items():
             at = picture_size(tuple(m.shape[-2:]), image_size)
             if at not in greys:  # maps on another grid than the first
                 greys[at] = _grey(image_pixels(image, at))
-            pic = _heat(greys[at], m[i])
-            cells.append(f'<td class="map">{_img(pic, f"{name} · image {i}", PALETTE)}</td>')
-        out.append('<tr class="gallery-row">' + "".join(cells) + "</tr>")
-    out.append("</table></div>")
-    return "\n".join(out)
+            maps.append(_picture(_heat(greys[at], m[i]), f"{name} · image {i}", PALETTE))
+        rows.append({"image": _picture((shown * 255).round().astype(np.uint8),
+                                       f"image {i}: {caption}".rstrip(": ")),
+                     "caption": caption, "truth": truth, "maps": maps})
+    return {"title": gallery.title, "methods": list(gallery.maps), "has_truth": gallery.truth is not None,
+            "colourbar": _colourbar(), "rows": rows}
 
 
-def _column(rows: list[list[str]], c: int) -> list[str]:
-    return [str(r[c]).strip() for r in rows if c < len(r)]
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+_CODE = re.compile(r"`([^`]+)`")
 
 
-def render_table(table: Table, anchor: str | None = None) -> str:
-    """A :class:`Table` as HTML: a heading, the table and its notes.
+def _inline(text: Any) -> Markup:
+    """Escaped text in which Markdown ``**bold**`` and ```code``` become HTML."""
+    out = _CODE.sub(r"<code>\1</code>", str(escape(str(text))))
+    return Markup(_BOLD.sub(r"<strong>\1</strong>", out))
 
-    Numeric cells (``0.512``, ``0.512 [0.401, 0.622] ≈``, ``1e-05``) are right-aligned, and so
-    are placeholders (``–``) in mostly numeric columns and the headers of those columns.
 
-    Args:
-        table: The cells, their marks and notes.
-        anchor: ``id`` of the heading.
+def _plain(text: Any) -> str:
+    """Text without the Markdown marks (for ``alt`` and ``title`` attributes); escaped by the template."""
+    return str(text).replace("**", "").replace("`", "")
 
-    Raises:
-        ValueError: When ``marks`` is not the shape of ``rows`` or holds a class not in
-            :data:`MARKS`.
-    """
-    if table.marks is not None and [len(r) for r in table.marks] != [len(r) for r in table.rows]:
-        raise ValueError(f"table {table.title!r}: marks must have the shape of rows")
-    for row in table.marks or []:
-        for mark in row:
-            if mark not in MARKS:
-                raise ValueError(f"table {table.title!r}: unknown mark {mark!r}; valid: {MARKS}")
+
+def _breakable(name: Any) -> Markup:
+    """Escaped ``name`` that may wrap after ``_``, ``-``, ``.`` and ``/`` (long method names)."""
+    return Markup(re.sub(r"([_\-./])", r"\1<wbr>", str(escape(str(name)))))
+
+
+def _caption(text: Any) -> Markup:
+    """Escaped caption that wraps only between its ``·``-separated parts."""
+    parts = str(text).split(" · ")
+    return Markup(" · ").join(Markup("<span>{}</span>").format(_inline(part)) for part in parts)
+
+
+def _trail_columns(table: Table) -> list[bool]:
+    """Per column: does a number in it carry a suffix (then every number gets a suffix slot)?"""
     width = max([len(table.header), *(len(r) for r in table.rows)])
-    numeric = []
-    for c in range(width):
-        cells = _column(table.rows, c)
-        filled = [x for x in cells if x not in _PLACEHOLDERS]
-        numeric.append(bool(filled) and sum(map(_is_number, filled)) * 2 >= len(filled))
-    trailing = [any(_TRAIL.search(x) for x in _column(table.rows, c) if _is_number(x)) for c in range(width)]
-    ident = f' id="{anchor}"' if anchor else ""
-    head = "".join(f'<th scope="col"{_NUM_CLASS if numeric[c] else ""}>{_inline(h)}</th>'
-                   for c, h in enumerate(table.header))
-    out = [f"<h3{ident}>{_inline(table.title)}</h3>",
-           f'<div class="wrap"><table class="scores" aria-label="{_plain(table.title)}">',
-           f"<thead><tr>{head}</tr></thead><tbody>"]
-    for r, row in enumerate(table.rows):
-        cells = []
-        for c, cell in enumerate(row):
-            text = str(cell)
-            mark = table.marks[r][c] if table.marks is not None else ""
-            number = _is_number(text) or (numeric[c] and text.strip() in _PLACEHOLDERS - {""})
-            classes = " ".join(k for k in (mark, "num" if number else "") if k)
-            cls = f' class="{classes}"' if classes else ""
-            if number and trailing[c]:  # the numbers of the column stay aligned, marks or not
-                trail = _TRAIL.search(text)
-                body = text[:trail.start()] if trail else text
-                mark_text = _e(trail.group().strip()) if trail else ""
-                cells.append(f'<td{cls}>{_inline(body)}<span class="trail">{mark_text}</span></td>')
-            else:
-                cells.append(f"<td{cls}>{_inline(text)}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</tbody></table></div>")
-    out += [f'<p class="note">{_inline(note)}</p>' for note in table.notes]
-    return "\n".join(out)
+    return [any(c < len(r) and r[c].numeric and r[c].suffix for r in table.rows) for c in range(width)]
 
 
-def _figure(caption: str, image: bytes) -> str:
-    return (f'<figure><img src="{data_uri(image)}" alt="{_plain(caption)}">'
-            f"<figcaption>{_inline(caption)}</figcaption></figure>")
+@functools.cache
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("patchbench.bench", "templates"),
+                             autoescape=True, trim_blocks=True, lstrip_blocks=True,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters.update(inline=_inline, plain=_plain, breakable=_breakable, caption=_caption)
+    env.globals.update(trail_columns=_trail_columns, header_background=HEADER_BACKGROUND,
+                       mark_styles=MARK_STYLES,
+                       truth_colour="#{:02x}{:02x}{:02x}".format(*(round(255 * c) for c in TRUTH_COLOUR)))
+    return env
+
+
+class _Anchors:
+    """Unique, readable ``id`` values for the page's headings."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = {"contents", "provenance"}
+
+    def __call__(self, title: str) -> str:
+        base = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")[:60] or "part"
+        anchor, k = base, 1
+        while anchor in self.used:
+            k += 1
+            anchor = f"{base}-{k}"
+        self.used.add(anchor)
+        return anchor
 
 
 def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -542,24 +399,25 @@ def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
-def _provenance(provenance: dict[str, Any]) -> str:
-    def show(v: Any) -> str:
-        if not isinstance(v, dict | list | tuple | int | float | bool | None):
-            return str(v)  # str, Path, numpy scalars, dtypes...
-        return json.dumps(v, default=str, ensure_ascii=False)
+def _shown(value: Any) -> str:
+    if not isinstance(value, dict | list | tuple | int | float | bool | None):
+        return str(value)  # str, Path, numpy scalars, dtypes...
+    return json.dumps(value, default=str, ensure_ascii=False)
 
-    pairs = flatten(provenance) if provenance else []
-    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(show(v))}</td></tr>" for k, v in pairs)
-    dump = json.dumps(provenance, indent=2, default=str, ensure_ascii=False)
-    return (f'<section><h2 id="provenance">Provenance</h2><details><summary>Configuration, seeds, '
-            f"versions and environment of the run ({len(pairs)} entries)</summary>"
-            f'<table class="provenance">{rows}</table>'
-            f'<details><summary>as JSON</summary><pre class="json">{_e(dump)}</pre></details>'
-            "</details></section>")
+
+def _section_view(section: Section, anchor: _Anchors) -> dict[str, Any]:
+    own = anchor(section.title)
+    parts = [{"kind": "table", "item": t, "anchor": anchor(t.title)} for t in section.tables]
+    parts += [{"kind": "gallery", "item": gallery_view(g), "anchor": anchor(g.title)}
+              for g in section.galleries]
+    figures = [{"caption": caption, "picture": Picture(data_uri(png), caption)}
+               for caption, png in section.figures]
+    return {"title": section.title, "anchor": own, "text": section.text,
+            "parts": parts, "figures": figures}
 
 
 def render_report(title: str, sections: list[Section], provenance: dict[str, Any]) -> str:
-    """The whole report as one self-contained HTML string.
+    """The whole report as one self-contained HTML string, from ``templates/report.html``.
 
     Args:
         title: Page title and top heading.
@@ -570,32 +428,16 @@ def render_report(title: str, sections: list[Section], provenance: dict[str, Any
 
     Returns:
         The HTML page: no script, no external resource.
+
+    Raises:
+        ValueError: A gallery's images or maps do not have the documented shapes.
     """
     anchor = _Anchors()
-    toc, body = [], []
-    for s in sections:
-        a = anchor(s.title)
-        parts = [(t.title, anchor(t.title), t) for t in s.tables]
-        parts += [(g.title, anchor(g.title), g) for g in s.galleries]
-        sub = (' <span class="sub">— ' + " · ".join(f'<a href="#{pa}">{_inline(pt)}</a>'
-                                                      for pt, pa, _ in parts) + "</span>"
-               if len(parts) > 1 else "")
-        toc.append(f'<li><a href="#{a}">{_inline(s.title)}</a>{sub}</li>')
-        body.append(f'<section><h2 id="{a}">{_inline(s.title)}</h2>')
-        body += [f"<p>{_inline(t)}</p>" for t in s.text]
-        body += [render_table(t, pa) for _, pa, t in parts if isinstance(t, Table)]
-        body += [_figure(caption, png) for caption, png in s.figures]
-        body += [render_gallery(g, pa) for _, pa, g in parts if isinstance(g, Gallery)]
-        body.append("</section>")
-    toc.append('<li><a href="#provenance">Provenance</a></li>')
-    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
-            f'<meta http-equiv="Content-Security-Policy" content="{csp}">\n'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{_plain(title)}</title>\n<style>{_css()}</style></head><body>\n"
-            f"<h1>{_inline(title)}</h1>\n"
-            f'<nav class="toc" id="contents"><strong>Contents</strong><ol>{"".join(toc)}</ol></nav>\n'
-            + "\n".join(body) + "\n" + _provenance(provenance) + "\n</body></html>\n")
+    views = [_section_view(s, anchor) for s in sections]
+    pairs = [(k, _shown(v)) for k, v in flatten(provenance)] if provenance else []
+    return _environment().get_template("report.html").render(
+        title=title, sections=views, provenance=pairs,
+        provenance_json=json.dumps(provenance, indent=2, default=str, ensure_ascii=False))
 
 
 def write_report(path: Path, title: str, sections: list[Section], provenance: dict[str, Any]) -> None:

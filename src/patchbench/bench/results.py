@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from patchbench.bench.report import Gallery, Section, Table
+from patchbench.bench.report import Gallery, Section
+from patchbench.bench.tables import Cell, Table, markdown
 from patchbench.metrics.scores import MAIN_SCORE, score, scores
 from patchbench.metrics.stats import bootstrap_ci, holm, normalise, paired_test, rank_agreement
 from patchbench.utils import make_temp_dir
@@ -150,15 +151,14 @@ def ground_truth_check(truth_scores: pd.DataFrame, scores: pd.DataFrame,
 
 def ground_truth_table(check: pd.DataFrame) -> Table:
     """The metric check as a table, one row per dataset, operator and metric."""
-    rows = [[c.dataset, c.operator, _header(c.metric), f"{c.truth:.3f}", f"{c.random:.3f}",
-             f"{c.p:.2g}", c.verdict] for c in check.itertuples()]
-    marks = [["", "", "", "", "", "", c.verdict] for c in check.itertuples()]
+    rows = [[c.dataset, c.operator, _header(c.metric), Cell(c.truth, ".3f"), Cell(c.random, ".3f"),
+             Cell(c.p, ".2g"), Cell(c.verdict, mark=c.verdict)] for c in check.itertuples()]
     note = ("The ground-truth mask used as a map (object patches first) must score better than "
             f"the `random` control (Wilcoxon signed-rank over images, p < {ALPHA}). A flagged "
             "metric does not tell the object from random patches on that dataset: read its "
             "column (marked ⚠ in the leaderboard) with care.")
     return Table("Metric check: the ground-truth mask against random",
-                 ["dataset", "operator", "metric", "mask", "random", "p", "verdict"], rows, [note], marks)
+                 ["dataset", "operator", "metric", "mask", "random", "p", "verdict"], rows, [note])
 
 
 def sanity_table(sanity: pd.DataFrame) -> list[Table]:
@@ -167,13 +167,12 @@ def sanity_table(sanity: pd.DataFrame) -> list[Table]:
     tables = []
     for (dataset, model), g in sanity.groupby(["dataset", "model"], sort=False):
         stages = list(dict.fromkeys(g.sort_values("stage_index").stage))
-        rows, marks = [], []
+        rows = []
         for method, m in g.groupby("method", sort=False):
             rho = dict(zip(m.stage, m.spearman))
             verdict = str(m.verdict.iloc[0])
-            rows.append([method, *(f"{rho[st]:.2f}" if st in rho and np.isfinite(rho[st]) else "–"
-                                   for st in stages), verdict])
-            marks.append(["", *[""] * len(stages), "pass" if verdict == "pass" else "fail"])
+            rows.append([method, *(Cell(rho.get(st), ".2f") for st in stages),
+                         Cell(verdict, mark="pass" if verdict == "pass" else "fail")])
         note = ("Cascading model-parameter randomisation (Adebayo et al., 2018): from the head "
                 "down, each column re-initialises one more part of the model; cells are the mean "
                 "Spearman correlation between a method's maps on the trained and on the "
@@ -181,7 +180,7 @@ def sanity_table(sanity: pd.DataFrame) -> list[Table]:
                 f"everything randomised, correlate below {float(g.threshold.iloc[0]):g} with the "
                 "trained ones: maps that do not change with the model cannot explain it.")
         tables.append(Table(f"Sanity check: model randomisation · {dataset} · {model}",
-                            ["method", *(f"ρ +{st}" for st in stages), "verdict"], rows, [note], marks))
+                            ["method", *(f"ρ +{st}" for st in stages), "verdict"], rows, [note]))
     return tables
 
 
@@ -229,9 +228,9 @@ def report_sections(cfg: Any, summary: pd.DataFrame, timing: pd.DataFrame, failu
         sections.append(Section("Leaderboards", tables=leaderboard_tables(summary, timing, failures,
                                                                           flagged)))
     elif len(failures):
-        sections.append(Section("Leaderboards", ["Every method failed; nothing was scored."], [Table(
-            "Failures", ["dataset", "method", "error"], failures[["dataset", "method", "error"]]
-            .astype(str).to_numpy().tolist(), marks=[["", "", "fail"]] * len(failures))]))
+        rows = [[f.dataset, f.method, Cell(str(f.error), mark="fail")] for f in failures.itertuples()]
+        sections.append(Section("Leaderboards", ["Every method failed; nothing was scored."],
+                                [Table("Failures", ["dataset", "method", "error"], rows)]))
     if curves_png:
         sections.append(Section("Curves", figures=[(
             "Mean p(target) along each curve with a 95% band, per dataset and operator.", curves_png)]))
@@ -249,12 +248,10 @@ def _ordered(group: pd.DataFrame, metric: str) -> list[str]:
     return main.sort_values(ascending=not score(metric).higher_is_better, kind="stable").index.tolist()
 
 
-def _cell(c: pd.Series) -> tuple[str, str]:
-    """The text of a cell and its mark (the verdict)."""
-    interval = f"[{c['ci_low']:.3f}, {c['ci_high']:.3f}]"
-    if c["verdict"] == "best":
-        return f"**{c['mean']:.3f}** {interval}", "best"
-    return f"{c['mean']:.3f} {interval}{' ≈' if c['verdict'] == 'tie' else ''}", c["verdict"]
+def _cell(c: pd.Series) -> Cell:
+    """A leaderboard cell: mean, interval, and the verdict as its mark (≈ after a tie)."""
+    return Cell(float(c["mean"]), ".3f", float(c["ci_low"]), float(c["ci_high"]), c["verdict"],
+                "≈" if c["verdict"] == "tie" else "")
 
 
 def _header(metric: str) -> str:
@@ -288,27 +285,19 @@ def leaderboard_tables(summary: pd.DataFrame, timing: pd.DataFrame | None = None
         if timing is not None and faithful:
             header.append("ms/img")
         cells = group.set_index(["method", "metric"])
-        rows, marks = [], []
+        rows = []
         for method in _ordered(group, metrics[0]):
-            row, mark = [method], [""]
-            for m in metrics:
-                text, verdict = _cell(cells.loc[(method, m)]) if (method, m) in cells.index else ("–", "")
-                row.append(text)
-                mark.append(verdict)
-            row.append(str(int(cells.loc[(method, metrics[0]), "n"])))
-            mark.append("")
+            row = [method, *(_cell(cells.loc[(method, m)]) if (method, m) in cells.index else Cell(None)
+                             for m in metrics), int(cells.loc[(method, metrics[0]), "n"])]
             if timing is not None and faithful:
                 t = timing[(timing.dataset == dataset) & (timing.method == method)]
-                row.append(f"{t.ms_per_image.iloc[0]:.1f}" if len(t) else "–")
-                mark.append("")
+                row.append(Cell(float(t.ms_per_image.iloc[0]) if len(t) else None, ".1f"))
             rows.append(row)
-            marks.append(mark)
         for f in failures[failures.dataset == dataset].itertuples():
-            rows.append([f.method, f"failed: {f.error}", *[""] * (len(header) - 2)])
-            marks.append(["", "fail", *[""] * (len(header) - 2)])
+            rows.append([f.method, Cell(f"failed: {f.error}", mark="fail"), *[""] * (len(header) - 2)])
         title = (f"{dataset} · {model} · operator `{op}`" if faithful
                  else f"{dataset} · {model} · ground-truth localisation")
-        tables.append(Table(title, header, rows, [CELL_NOTE], marks))
+        tables.append(Table(title, header, rows, [CELL_NOTE]))
     return tables
 
 
@@ -321,8 +310,8 @@ def normalised_tables(summary: pd.DataFrame) -> list[Table]:
             continue
         metrics = [s.name for s in scores("faithfulness") if s.column and s.name in set(group.metric)]
         cells = group.set_index(["method", "metric"])["normalised"].dropna()
-        rows = [[method, *(f"{cells[(method, m)]:.2f}" if (method, m) in cells.index else "–"
-                           for m in metrics)] for method in _ordered(group, metrics[0])]
+        rows = [[method, *(Cell(cells.get((method, m)), ".2f") for m in metrics)]
+                for method in _ordered(group, metrics[0])]
         tables.append(Table(f"{dataset} · {model} · operator `{op}` · normalised",
                             ["method", *(_header(m) for m in metrics)], rows, [NORM_NOTE]))
     return tables
@@ -335,7 +324,7 @@ def agreement_table(agreement: pd.DataFrame) -> Table:
     for (dataset, model, metric), g in agreement.groupby(["dataset", "model", "metric"], sort=False):
         taus = dict(zip(g.operators, g.tau))
         rows.append([dataset, model, score(metric).label,
-                     *(f"{taus[p]:.2f}" if p in taus and np.isfinite(taus[p]) else "–" for p in pairs)])
+                     *(Cell(taus.get(p), ".2f") for p in pairs)])
     note = ("Kendall's tau between the rankings of the methods by mean score under two removal "
             "operators: 1 = the same order, 0 = unrelated, -1 = reversed. A low tau means the "
             "ranking depends on how patches are removed.")
@@ -347,22 +336,12 @@ def stages_table(stages: list[dict[str, Any]]) -> Table:
     """Where the time went: seconds per stage and dataset, in the order they ran (on several
     processes, the slowest process's)."""
     total = sum(s["seconds"] for s in stages) or 1.0
-    rows = [[s["dataset"], s["stage"], f"{s['seconds']:.1f}", f"{100 * s['seconds'] / total:.0f}%"]
+    rows = [[s["dataset"], s["stage"], Cell(s["seconds"], ".1f"), Cell(s["seconds"] / total, ".0%")]
             for s in stages]
     note = ("Stages whose results were stored by an earlier run take almost no time. Model and "
             "explainer training count only when they ran in this run; attribution is per method, "
             "curves per removal operator (all methods).")
     return Table("Where the time went", ["dataset", "stage", "seconds", "share"], rows, [note])
-
-
-def table_markdown(table: Table, heading: str = "###") -> str:
-    """A :class:`Table` as a Markdown section: heading, pipe table, notes."""
-    def row(cells: list[str]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
-
-    lines = [f"{heading} {table.title}", "", row(table.header), "|" + "---|" * len(table.header)]
-    lines += [row(r) for r in table.rows]
-    return "\n".join([*lines, "", *table.notes]) + "\n"
 
 
 def render_markdown(summary: pd.DataFrame, timing: pd.DataFrame | None = None,
@@ -384,7 +363,7 @@ def render_markdown(summary: pd.DataFrame, timing: pd.DataFrame | None = None,
         return "\n".join([*lines, "", AUC_NOTE]) + "\n"
     tables = [*leaderboard_tables(summary, timing, failures, flagged), *extra]
     # the cell note once, after the leaderboards, not under each table
-    parts = [table_markdown(Table(t.title, t.header, t.rows, [n for n in t.notes if n != CELL_NOTE]))
+    parts = [markdown(Table(t.title, t.header, t.rows, [n for n in t.notes if n != CELL_NOTE]))
              for t in tables]
     return "\n\n".join([*(part.rstrip("\n") for part in parts), CELL_NOTE, AUC_NOTE]) + "\n"
 

@@ -196,7 +196,8 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
     store = ChunkStore(Path(cfg.results_dir) / ".chunks", cfg.overwrite, part.warn)
     models, sample_ids, files = {}, {}, {}
     for dataset in cfg.datasets:
-        job = _prepare(cfg, dataset, world, device, files, part, progress, given)
+        job = prepare(cfg, dataset, device, world=world, files=files, part=part, progress=progress,
+                      given=given)
         models[dataset], sample_ids[dataset] = job.run.meta, job.all_ids
         scored = [m for m in cfg.methods if _execute(job, m, store, part)]
         _check(job, scored, world, store, part)
@@ -214,13 +215,30 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
     return out
 
 
-def _prepare(cfg: BenchConfig, dataset: str, world: World, device: torch.device,
-             files: dict[str, Path], part: Part, progress: bool, given: Given) -> Job:
+def prepare(cfg: BenchConfig, dataset: str, device: torch.device, *, world: World | None = None,
+            files: dict[str, Path] | None = None, part: Part | None = None, progress: bool = True,
+            given: Given | None = None, timing_only: bool = False) -> Job:
     """Loads the model and the images, creates the operators (each taking what it needs from
-    the run) and computes what every method's curves share."""
+    the run) and computes what every method's curves share.
+
+    Args:
+        cfg: The run's config (validated).
+        dataset: One of ``cfg.datasets``.
+        device: Where the model runs.
+        world: This process among the ranks (default: the only one).
+        files: Collects extra files for the run folder (training logs).
+        part: Collects stage timings and warnings.
+        progress: Progress bars.
+        given: Objects standing in for names.
+        timing_only: Only the components' cost will be measured (``patchbench speed``):
+            methods and operators the model cannot serve are left out with a warning instead
+            of stopping the run, and trained artifacts may be untrained stand-ins.
+    """
+    world, part, given = world or World(), part or Part(), given or Given()
+    files = {} if files is None else files
     with part.stage(dataset, "model"), world.local_rank0_first():  # one rank per node trains
         adapter, meta = given.model or _load_model(cfg, dataset, progress)
-    _check_token_needs(cfg, adapter)
+    _check_token_needs(cfg, adapter, part.warn if timing_only else None)
     adapter.to(device)
     guard = WeightGuard(adapter.model)  # every method must leave the weights as they are
     meta["weights_digest"] = guard.digest
@@ -247,7 +265,7 @@ def _prepare(cfg: BenchConfig, dataset: str, world: World, device: torch.device,
     meta["eval_accuracy"] = round(correct / seen, 4)
     # each method and operator takes what it needs from the run through its own hook
     run = RunContext(cfg, dataset, adapter, meta, files, progress, world.local_rank0_first,
-                     sample_ids=all_ids, ids=ids, images=images)
+                     timing_only=timing_only, sample_ids=all_ids, ids=ids, images=images)
     with part.stage(dataset, "components (explainer training, dataset statistics)"):
         method_options = {m: options_from_run(METHODS.get(m), run, cfg.method_options.get(m, {}))
                           for m in cfg.methods if m not in given.methods}
@@ -655,15 +673,21 @@ def _load_plugins(cfg: BenchConfig) -> list[str]:
     return plugins.problems_of(cfg.plugins)
 
 
-def _check_token_needs(cfg: BenchConfig, adapter: Any) -> None:
-    """Refuses, before any work, methods and operators a non-ViT model cannot serve."""
+def _check_token_needs(cfg: BenchConfig, adapter: Any, warn: Callable[[str], None] | None = None) -> None:
+    """Refuses, before any work, methods and operators a non-ViT model cannot serve; with
+    ``warn``, leaves them out of ``cfg`` and says so instead."""
     if adapter.is_vit:
         return
     from patchbench.models.adapter import NotAViTError
 
     methods = [m for m in cfg.methods if m in METHODS and METHODS.get(m).needs_tokens]
     operators = [o for o in cfg.operators if o in OPERATORS and OPERATORS.get(o).needs_tokens]
-    if methods or operators:
+    if (methods or operators) and warn is not None:
+        warn(f"patchbench: {cfg.model} is not a vision transformer; left out: "
+             f"{', '.join(methods + operators)}")
+        cfg.methods = tuple(m for m in cfg.methods if m not in methods)
+        cfg.operators = tuple(o for o in cfg.operators if o not in operators)
+    elif methods or operators:
         ok_m = [m for m in METHODS.list() if not METHODS.get(m).needs_tokens]
         ok_o = [o for o in OPERATORS.list() if not OPERATORS.get(o).needs_tokens]
         raise NotAViTError(

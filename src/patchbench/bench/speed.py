@@ -28,9 +28,11 @@ from tqdm.auto import tqdm
 from patchbench import __version__
 from patchbench.bench.config import BenchConfig, SpeedConfig
 from patchbench.bench.results import write_run
-from patchbench.context import RunContext, options_from_run
-from patchbench.memory import choose_chunk, format_bytes, parse_bytes, peak_rss, reset_peak_rss, row_bytes
-from patchbench.metrics import faithfulness_curves, log_probs, prepare_reference
+from patchbench.bench.runner import Job, prepare
+from patchbench.bench.tables import Cell, Table, markdown
+from patchbench.memory import format_bytes, parse_bytes, peak_rss, reset_peak_rss, row_bytes
+from patchbench.methods import create_method
+from patchbench.metrics import faithfulness_curves, prepare_reference
 from patchbench.metrics.functional import keep_masks, patch_ranking, step_counts
 from patchbench.models import OPERATORS, create_operator
 from patchbench.utils import autocast, provenance, resolve_device, seed_everything, sync, write_json
@@ -163,12 +165,10 @@ def quantus_deletion(kind: str, adapter: Any, images: Tensor, target: Tensor, ma
         f"{prob.shape[1]} steps per image, {channels} per patch")
 
 
-def _attribution_ms(name: str, run: RunContext, images: Tensor, target: Tensor, batch_size: int,
-                    device: torch.device, amp: str | None) -> float:
-    from patchbench.methods import METHODS, create_method
-
-    adapter = run.adapter
-    method = create_method(name, adapter, **options_from_run(METHODS.get(name), run, {}))
+def _attribution_ms(name: str, job: Job, batch_size: int, device: torch.device, amp: str | None) -> float:
+    """Milliseconds per image of one method's attribution (after a warm-up call)."""
+    images, target = job.images, job.target
+    method = create_method(name, job.run.adapter, **job.method_options[name])
 
     def run() -> None:
         with autocast(device, amp):
@@ -195,29 +195,24 @@ def run_speed(cfg: SpeedConfig, progress: bool = True, pretrained: bool = False,
     Returns:
         ``{"markdown", "rows" (tidy DataFrame), "out"}``.
     """
-    from patchbench.bench.runner import _create_operator, _load_model, _load_samples
-
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     bench_cfg = BenchConfig(model=cfg.model, datasets=(cfg.dataset,), n_images=cfg.n_images, seed=cfg.seed,
                             methods=cfg.methods, operators=cfg.operators, device=cfg.device,
-                            pretrained=pretrained, data_root=data_root)
+                            autocast=cfg.autocast, chunk_size=cfg.chunk_size, memory_budget=cfg.memory_budget,
+                            pretrained=pretrained, data_root=data_root, gallery_size=0)
     bench_cfg.validate()
-    adapter, meta = _load_model(bench_cfg, cfg.dataset, progress)
-    adapter.to(device)
-    pixels, _, _, ids = _load_samples(bench_cfg, cfg.dataset, adapter)
-    images = adapter.prepare(pixels).to(device)
+    # the benchmark's own preparation: model, images, targets, operators and their references
+    job = prepare(bench_cfg, cfg.dataset, device, progress=progress, timing_only=True)
+    adapter, meta, images, target, ids, chunk = (job.run.adapter, job.run.meta, job.images, job.target,
+                                                 job.ids, job.chunk)
     amp = cfg.autocast
-    with autocast(device, amp):
-        target = log_probs(adapter, images).argmax(1)
     n, p = len(images), adapter.num_patches
     counts = step_counts(p, cfg.steps)
     interior = len(counts) - 2
     maps = torch.rand(n, *adapter.grid, generator=torch.Generator().manual_seed(cfg.seed))
     maps = maps.to(device)
     per_row = row_bytes(adapter, images)
-    budget = parse_bytes(cfg.memory_budget) if cfg.memory_budget else None
-    chunk = choose_chunk(adapter, images, budget, cfg.chunk_size)
     slow = min(cfg.slow_images or n, n)
     rows: list[dict[str, Any]] = []
 
@@ -283,12 +278,8 @@ def run_speed(cfg: SpeedConfig, progress: bool = True, pretrained: bool = False,
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    run = RunContext(bench_cfg, cfg.dataset, adapter, meta, progress=progress, timing_only=True)
-    for name in cfg.operators:
-        if OPERATORS.get(name).needs_tokens and not adapter.is_vit:
-            continue
-        op = _create_operator(name, run)
-        reference = prepare_reference(adapter, op, images, torch.tensor(ids), chunk)
+    for name, op in job.operators.items():
+        reference = job.references[name]
         t_all, _ = timed(lambda op=op, reference=reference: harness(op, reference, ("deletion", "insertion",
                                                                                     "lerf")),
                          device, cfg.repeats, warmup=True)
@@ -300,12 +291,8 @@ def run_speed(cfg: SpeedConfig, progress: bool = True, pretrained: bool = False,
     steps_bar.update()
 
     # 3. attribution, per method
-    from patchbench.methods import METHODS
-
-    for name in cfg.methods:
-        if METHODS.get(name).needs_tokens and not adapter.is_vit:
-            continue
-        ms = _attribution_ms(name, run, images, target, cfg.batch_size, device, amp)
+    for name in bench_cfg.methods:  # those the model can serve
+        ms = _attribution_ms(name, job, cfg.batch_size, device, amp)
         record("attribution", name, ms_per_image=ms, images=n)
     steps_bar.update()
     steps_bar.close()
@@ -363,7 +350,7 @@ def _context(cfg: SpeedConfig, adapter: Any, meta: dict[str, Any], device: torch
 
 
 def render_speed(df: pd.DataFrame, ctx: dict[str, Any]) -> str:
-    """The Markdown report, rendered from the tidy rows."""
+    """The Markdown report, rendered from the tidy rows (tables by :func:`tables.markdown`)."""
     m = ctx["machine"]
     lines = [
         "# patchbench speed",
@@ -376,64 +363,21 @@ def render_speed(df: pd.DataFrame, ctx: dict[str, Any]) -> str:
     ]
     same = df[df["table"] == "same_work"].set_index("item")
     if "patchbench" in same.index:
-        ours = same.loc["patchbench"]
-        ours_per_image = ours["seconds"] / ours["images"]
-        bound = same.loc["forward bound"]
-        lines += [
-            "## The same work",
-            "",
-            "Every row computes the deletion curve of p(target) for the same images and maps, removing one "
-            "more whole patch per step with a constant baseline (0 in the model's input space), and every "
-            "curve is checked against patchbench's (last column). Forward rows count the model's forward "
-            "passes: the clean and the all-removed points are shared with every method in a benchmark, "
-            "so they are not counted for patchbench; Quantus evaluates the last point itself.",
-            "",
-            "| run | images | forward rows | time (s) | ms per image | × forward bound | patchbench speed-up "
-            "| max abs diff of the curve |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for item, r in same.iterrows():
-            if pd.isna(r.get("seconds")):
-                lines.append(f"| {item} | | | | | | | {r['note']} |")
-                continue
-            per_image = r["seconds"] / r["images"]
-            ratio = per_image / (bound["seconds"] / bound["images"])
-            speedup = "" if item in ("forward bound", "patchbench") else f"{per_image / ours_per_image:.1f}×"
-            diff = "" if pd.isna(r.get("max_abs_diff")) else f"{r['max_abs_diff']:.1e}"
-            lines.append(f"| {item} | {int(r['images'])} | {int(r['rows'])} | {r['seconds']:.2f} | "
-                         f"{1000 * per_image:.1f} | {ratio:.2f} | {speedup} | {diff} |")
-        ratio = ours["seconds"] / bound["seconds"]
-        lines += ["", f"patchbench / forward bound: **{ratio:.2f}** (goal ≤ {GOAL_BOUND_RATIO}: "
-                      f"{'met' if ratio <= GOAL_BOUND_RATIO else 'not met'})."]
-        quantus = [(item, r) for item, r in same.iterrows()
-                   if item.startswith("Quantus") and not pd.isna(r.get("seconds"))]
-        for item, r in quantus:
-            speedup = (r["seconds"] / r["images"]) / ours_per_image
-            lines.append(f"Speed-up over {item}: **{speedup:.1f}×** (goal ≥ {GOAL_SPEEDUP:.0f}×: "
-                         f"{'met' if speedup >= GOAL_SPEEDUP else 'not met'}).")
-        notes = [f"- {item}: {r['note']}" for item, r in same.iterrows() if isinstance(r["note"], str)]
-        lines += ["", *notes]
+        lines += ["## The same work", "", SAME_WORK_NOTE, "", markdown(_same_work_table(same), None),
+                  *_goal_lines(same), ""]
+        lines += [f"- {item}: {r['note']}" for item, r in same.iterrows() if isinstance(r["note"], str)]
         lines.append("")
     ops = df[df["table"] == "operators"]
     if len(ops):
-        pixel = ops[~ops["item"].map(lambda n: OPERATORS.get(n).needs_tokens)]
-        ref = pixel.iloc[0] if len(pixel) else ops.iloc[0]
         lines += ["## Every curve, by operator", "",
                   "Deletion, insertion and LeRF (LeRF reuses insertion's passes), probability and KL.", "",
-                  "| operator | forward rows | time (s) | ms per image | × forward bound "
-                  f"| × {ref['item']} |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for _, r in ops.iterrows():
-            lines.append(f"| {r['item']} | {int(r['rows'])} | {r['seconds']:.2f} | "
-                         f"{1000 * r['seconds'] / r['images']:.1f} | "
-                         f"{r['seconds'] / r['bound_seconds']:.2f} | {r['seconds'] / ref['seconds']:.2f} |")
-        lines += ["", "`drop` leaves removed tokens out of the sequence, so its rows are shorter than a full "
-                      "forward pass; the bound counts full-length passes.", ""]
+                  markdown(_operators_table(ops), None),
+                  "`drop` leaves removed tokens out of the sequence, so its rows are shorter than a full "
+                  "forward pass; the bound counts full-length passes.", ""]
     att = df[df["table"] == "attribution"]
     if len(att):
-        lines += ["## Attribution, per method", "", "| method | ms per image |", "|---|---:|"]
-        lines += [f"| {r['item']} | {r['ms_per_image']:.2f} |" for _, r in att.iterrows()]
-        lines.append("")
+        rows = [[r["item"], Cell(r["ms_per_image"], ".2f")] for _, r in att.iterrows()]
+        lines += [markdown(Table("Attribution, per method", ["method", "ms per image"], rows), "##")]
     mem = df[df["table"] == "memory"]
     if len(mem):
         r = mem.iloc[0]
@@ -445,9 +389,57 @@ def render_speed(df: pd.DataFrame, ctx: dict[str, Any]) -> str:
                   f"scoring every curve: {format_bytes(r['peak_rss'])}{gpu}.", ""]
     rates = df[df["table"] == "forward_rate"]
     if len(rates):
-        lines += ["## The bare model's throughput", "", "| batch | rows per second |", "|---:|---:|"]
-        lines += [f"| {r['item']} | {r['rows_per_second']:.0f} |" for _, r in rates.iterrows()]
-        lines.append("")
+        rows = [[int(r["item"]), Cell(r["rows_per_second"], ".0f")] for _, r in rates.iterrows()]
+        lines += [markdown(Table("The bare model's throughput", ["batch", "rows per second"], rows), "##")]
     lines.append(f"patchbench {ctx['packages'].get('patchbench')}, commit {ctx.get('git_commit')}"
                  f"{' (with uncommitted changes)' if ctx.get('git_dirty') else ''}.")
     return "\n".join(lines) + "\n"
+
+
+SAME_WORK_NOTE = (
+    "Every row computes the deletion curve of p(target) for the same images and maps, removing one "
+    "more whole patch per step with a constant baseline (0 in the model's input space), and every "
+    "curve is checked against patchbench's (last column). Forward rows count the model's forward "
+    "passes: the clean and the all-removed points are shared with every method in a benchmark, "
+    "so they are not counted for patchbench; Quantus evaluates the last point itself.")
+
+
+def _same_work_table(same: pd.DataFrame) -> Table:
+    ours = same.loc["patchbench", "seconds"] / same.loc["patchbench", "images"]
+    bound = same.loc["forward bound", "seconds"] / same.loc["forward bound", "images"]
+    rows = []
+    for item, r in same.iterrows():
+        if pd.isna(r.get("seconds")):
+            rows.append([item, *[""] * 6, r["note"]])
+            continue
+        per_image = r["seconds"] / r["images"]
+        speedup = "" if item in ("forward bound", "patchbench") else Cell(per_image / ours, ".1f", suffix="×")
+        rows.append([item, int(r["images"]), int(r["rows"]), Cell(r["seconds"], ".2f"),
+                     Cell(1000 * per_image, ".1f"), Cell(per_image / bound, ".2f"), speedup,
+                     "" if pd.isna(r.get("max_abs_diff")) else Cell(r["max_abs_diff"], ".1e")])
+    header = ["run", "images", "forward rows", "time (s)", "ms per image", "× forward bound",
+              "patchbench speed-up", "max abs diff of the curve"]
+    return Table("The same work", header, rows)
+
+
+def _goal_lines(same: pd.DataFrame) -> list[str]:
+    ours = same.loc["patchbench"]
+    ratio = ours["seconds"] / same.loc["forward bound", "seconds"]
+    lines = [f"patchbench / forward bound: **{ratio:.2f}** (goal ≤ {GOAL_BOUND_RATIO}: "
+             f"{'met' if ratio <= GOAL_BOUND_RATIO else 'not met'})."]
+    for item, r in same.iterrows():
+        if item.startswith("Quantus") and not pd.isna(r.get("seconds")):
+            speedup = (r["seconds"] / r["images"]) / (ours["seconds"] / ours["images"])
+            lines.append(f"Speed-up over {item}: **{speedup:.1f}×** (goal ≥ {GOAL_SPEEDUP:.0f}×: "
+                         f"{'met' if speedup >= GOAL_SPEEDUP else 'not met'}).")
+    return lines
+
+
+def _operators_table(ops: pd.DataFrame) -> Table:
+    pixel = ops[~ops["item"].map(lambda n: OPERATORS.get(n).needs_tokens)]
+    ref = pixel.iloc[0] if len(pixel) else ops.iloc[0]
+    rows = [[r["item"], int(r["rows"]), Cell(r["seconds"], ".2f"),
+             Cell(1000 * r["seconds"] / r["images"], ".1f"), Cell(r["seconds"] / r["bound_seconds"], ".2f"),
+             Cell(r["seconds"] / ref["seconds"], ".2f")] for _, r in ops.iterrows()]
+    header = ["operator", "forward rows", "time (s)", "ms per image", "× forward bound", f"× {ref['item']}"]
+    return Table("Every curve, by operator", header, rows)
