@@ -44,7 +44,7 @@ def test_cells_hold_the_mean_and_the_bootstrap_interval_of_their_rows():
 def test_verdicts_separate_real_differences_from_noise():
     # a is best; b differs from it by noise only; c is clearly worse on every image
     scores = _scores({"a": 0.30, "b": 0.29, "c": 0.0, "random": -0.5}, operators=("mean",))
-    out = summarise(scores).set_index("method")
+    out = summarise(scores, control="random").set_index("method")
     assert out.loc["a", "verdict"] == "best" and np.isnan(out.loc["a", "p_vs_best"])
     assert out.loc["b", "verdict"] == "tie" and out.loc["b", "p_vs_best"] >= 0.05
     assert out.loc["c", "verdict"] == "worse" and out.loc["random", "verdict"] == "worse"
@@ -89,10 +89,11 @@ def test_ground_truth_check_flags_a_metric_that_cannot_tell_the_mask_from_random
     good = _scores({"ground-truth mask": 0.5}, operators=("mean",))
     blind = _scores({"ground-truth mask": 0.0}, operators=("mean",), seed=5)
     wrong_way = _scores({"ground-truth mask": -0.5}, operators=("mean",))
-    assert ground_truth_check(good, scores).verdict.tolist() == ["pass"]
-    assert ground_truth_check(blind, scores).verdict.tolist() == ["flag"]
-    assert ground_truth_check(wrong_way, scores).verdict.tolist() == ["flag"]
-    flagged = ground_truth_check(blind, scores)
+    assert ground_truth_check(good, scores, "random").verdict.tolist() == ["pass"]
+    assert ground_truth_check(blind, scores, "random").verdict.tolist() == ["flag"]
+    assert ground_truth_check(wrong_way, scores, "random").verdict.tolist() == ["flag"]
+    assert ground_truth_check(good, scores, None).empty  # no chance control, no check
+    flagged = ground_truth_check(blind, scores, "random")
     tables = leaderboard_tables(summarise(scores), flagged=flagged)
     assert "SRG ↑ ⚠" in tables[0].header
 

@@ -19,17 +19,52 @@ BENCH = Path(__file__).resolve().parents[1] / "src" / "patchbench" / "bench"
 TINY = dict(datasets=("glyphs",), n_images=4, steps=2, sanity_images=0, gallery_size=0)
 
 
-def test_no_component_name_decides_anything_in_the_runner_or_speed():
+def _component_names_in(path: Path) -> list[str]:
+    """String constants naming a registered component, compared with or passed to a call."""
     names = set(METHODS.list()) | set(OPERATORS.list()) | set(DATASETS.list())
     found = []
-    for path in (BENCH / "runner.py", BENCH / "speed.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Compare):
-                for c in [node.left, *node.comparators]:
-                    if isinstance(c, ast.Constant) and c.value in names:
-                        found.append(f"{path.name}:{node.lineno} {c.value!r}")
-    # the metric check compares the ground-truth mask with the random control, by its role
-    assert [f.split(" ")[1] for f in found] == ["'random'"], found
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            values = [node.left, *node.comparators]
+        elif isinstance(node, ast.Call):
+            values = [*node.args, *(k.value for k in node.keywords)]
+        else:
+            continue
+        found += [f"{path.name}:{node.lineno} {c.value!r}" for c in values
+                  if isinstance(c, ast.Constant) and c.value in names]
+    return found
+
+
+def test_no_component_name_decides_anything_in_bench():
+    found = [f for path in sorted(BENCH.glob("*.py")) if path.name != "config.py"  # config: defaults
+             for f in _component_names_in(path)]
+    # results.py: the summary's column of means (a statistic, not the operator); speed.py: the
+    # same-work table needs a constant baseline that Quantus can apply too
+    assert [f.split(":")[0] + " " + f.split(" ")[1] for f in found] == [
+        "results.py 'mean'", "speed.py 'mean'"], found
+
+
+class Chance(Method):
+    """A plugin chance control under another name than ``random``."""
+
+    name = "chance-test"
+    chance_control = True
+
+    def _attribute(self, images, target):
+        return torch.rand(images.shape[0], *self.adapter.grid, generator=torch.Generator().manual_seed(0))
+
+
+def test_the_chance_control_is_found_by_its_role_not_its_name(tmp_path, glyphs_model, one_thread):
+    METHODS.register(Chance.name)(Chance)
+    try:
+        cfg = BenchConfig(run="chance", results_dir=str(tmp_path), methods=("rollout", Chance.name),
+                          operators=("mean",), **TINY)
+        out = run_benchmark(cfg, progress=False)
+    finally:
+        METHODS.unregister(Chance.name)
+    faithful = out["summary"][out["summary"].operator == "mean"].set_index(["method", "metric"])
+    assert (faithful.loc[Chance.name, "normalised"] == 0).all()  # the control is the zero
+    assert set(out["metric_check"].metric) >= {"srg"}  # the mask was compared with it
 
 
 def test_built_in_hooks(tiny):

@@ -39,7 +39,7 @@ NORM_NOTE = ("Normalised: (score - random) / (best - random), so the `random` co
 
 
 def summarise(scores: pd.DataFrame, level: float = 0.95, n_boot: int = 2000, seed: int = 0,
-              alpha: float = ALPHA) -> pd.DataFrame:
+              alpha: float = ALPHA, control: str | None = None) -> pd.DataFrame:
     """One row per (dataset, model, operator, method, metric) cell with its statistics.
 
     Operator-independent scores (operator ``"-"``: the localisation metrics) keep their own
@@ -52,11 +52,13 @@ def summarise(scores: pd.DataFrame, level: float = 0.95, n_boot: int = 2000, see
         n_boot: Bootstrap resamples per cell.
         seed: Seed of the resampling (the same draws for every cell of a size).
         alpha: Level of the paired test against the column's best method.
+        control: The chance-level method (a class with ``chance_control``) that normalised
+            scores count from, or None.
 
     Returns:
         Columns ``mean, ci_low, ci_high, n, higher_is_better``; ``verdict``: ``best``,
         ``tie`` (not significantly different from the best) or ``worse``; ``p_vs_best``
-        (Holm-adjusted); ``normalised`` (random = 0, best = 1; NaN without a ``random`` row).
+        (Holm-adjusted); ``normalised`` (control = 0, best = 1; NaN without a control row).
     """
     rows = []
     for keys, cell in scores.groupby([*GROUP, "method", "metric"], sort=False)["value"]:
@@ -66,11 +68,12 @@ def summarise(scores: pd.DataFrame, level: float = 0.95, n_boot: int = 2000, see
     out["higher_is_better"] = out.metric.map(lambda m: score(m).higher_is_better)
     out["verdict"], out["p_vs_best"], out["normalised"] = "", np.nan, np.nan
     for _, column in out.groupby([*GROUP, "metric"], sort=False):
-        _judge(out, column, scores, alpha)
+        _judge(out, column, scores, alpha, control)
     return out
 
 
-def _judge(out: pd.DataFrame, column: pd.DataFrame, scores: pd.DataFrame, alpha: float) -> None:
+def _judge(out: pd.DataFrame, column: pd.DataFrame, scores: pd.DataFrame, alpha: float,
+           control: str | None) -> None:
     """Fills verdict, p_vs_best and normalised for one column (one metric, one table)."""
     up = bool(column.higher_is_better.iloc[0])
     best = column["mean"].idxmax() if up else column["mean"].idxmin()
@@ -86,7 +89,7 @@ def _judge(out: pd.DataFrame, column: pd.DataFrame, scores: pd.DataFrame, alpha:
     out.loc[best, ["verdict", "p_vs_best"]] = ["best", np.nan]
     for i, p in zip(others, holm(np.array(raw))):
         out.loc[i, ["verdict", "p_vs_best"]] = ["worse" if p < alpha else "tie", p]
-    random = column[column.method == "random"]["mean"]
+    random = column[column.method == control]["mean"]
     if len(random):
         out.loc[column.index, "normalised"] = [
             normalise(m, float(random.iloc[0]), float(column.at[best, "mean"])) for m in column["mean"]]
@@ -116,16 +119,17 @@ def operator_agreement(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["dataset", "model", "metric", "operators", "tau", "methods"])
 
 
-def ground_truth_check(truth_scores: pd.DataFrame, scores: pd.DataFrame,
+def ground_truth_check(truth_scores: pd.DataFrame, scores: pd.DataFrame, control: str | None,
                        alpha: float = ALPHA) -> pd.DataFrame:
-    """Does each faithfulness metric score the ground-truth mask better than ``random``?
+    """Does each faithfulness metric score the ground-truth mask better than chance?
 
     A metric that cannot tell the object's patches from random ones on a dataset does not
     measure faithfulness there; such cells are flagged.
 
     Args:
         truth_scores: Per-image rows of the ground-truth mask used as a map.
-        scores: Per-image rows of the run (its ``random`` rows are the control).
+        scores: Per-image rows of the run.
+        control: The chance-level method among them (e.g. ``random``); None: no check.
         alpha: Level of the one-sided reading of the Wilcoxon signed-rank test.
 
     Returns:
@@ -133,7 +137,7 @@ def ground_truth_check(truth_scores: pd.DataFrame, scores: pd.DataFrame,
         the mask is better and the difference significant, else ``flag``).
     """
     columns = [*GROUP, "metric", "truth", "random", "p", "verdict"]
-    control = scores[scores.method == "random"]
+    control = scores[scores.method == control]
     if not len(truth_scores) or not len(control):
         return pd.DataFrame(columns=columns)
     keys = [*GROUP, "metric", "sample_id"]

@@ -206,7 +206,7 @@ def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: 
     if not world.is_writer:
         return {"markdown": "", "run_dir": Path(cfg.results_dir) / cfg.run, "failures": world.broadcast(None)}
     t0 = time.perf_counter()
-    out = _collect(parts, cfg, sample_ids)
+    out = _collect(parts, cfg, sample_ids, given)
     world.broadcast(out["failures"])
     out["stages"].append({"dataset": "-", "stage": "statistics and tables",
                           "seconds": round(time.perf_counter() - t0, 2)})
@@ -333,20 +333,21 @@ def _check(job: Job, scored: list[str], world: World, store: ChunkStore, part: P
                 part.sanity += _sanity_rows(job, store, part, checkable, n_sanity)
         except ModelChangedError as e:
             part.warn(f"patchbench: sanity check on {dataset} skipped: {e}")
-    if job.truth.any() and "random" in scored:  # the check compares the mask with random
+    if job.truth.any() and chance_control(job.cfg.methods, job.instances) in scored:
         with part.stage(dataset, "metric check"):
             part.checks += _ground_truth_rows(job, store, part)
     if job.gallery:
         part.galleries.append(job.gallery)
 
 
-def _collect(parts: list[dict[str, Any]], cfg: BenchConfig, sample_ids: dict[str, list[int]]
-             ) -> dict[str, Any]:
+def _collect(parts: list[dict[str, Any]], cfg: BenchConfig, sample_ids: dict[str, list[int]],
+             given: Given) -> dict[str, Any]:
     """Every process's part merged into one process's tables, with statistics and checks."""
     scores_df, curves_df, timing_df, failures_df = _merge(parts, cfg, sample_ids)
-    summary = summarise(scores_df, seed=cfg.seed) if len(scores_df) else pd.DataFrame()
+    control = chance_control(cfg.methods, given.methods)
+    summary = summarise(scores_df, seed=cfg.seed, control=control) if len(scores_df) else pd.DataFrame()
     truth_df = pd.DataFrame([r for p in parts for r in p["checks"]], columns=SCORE_COLUMNS).dropna()
-    check_df = ground_truth_check(truth_df, scores_df)
+    check_df = ground_truth_check(truth_df, scores_df, control)
     sanity_df = pd.DataFrame([r for p in parts for r in p["sanity"]])
     agreement_df = operator_agreement(summary) if len(summary) else pd.DataFrame()
     extra = [*normalised_tables(summary)] if len(summary) else []
@@ -656,6 +657,15 @@ def _data_source(cfg: BenchConfig, dataset: str) -> dict[str, Any] | None:
         return None
     root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None
     return {"data_root": root, **cfg.dataset_options.get(dataset, {})}
+
+
+def chance_control(names: tuple[str, ...], given: dict[str, Any]) -> str | None:
+    """The first of ``names`` whose method declares ``chance_control`` (``random``), or None."""
+    for name in names:
+        obj = given.get(name) or (METHODS.get(name) if name in METHODS else None)
+        if getattr(obj if isinstance(obj, type) else type(obj), "chance_control", False):
+            return name
+    return None
 
 
 def _load_model(cfg: BenchConfig, dataset: str, progress: bool) -> tuple[Any, dict[str, Any]]:

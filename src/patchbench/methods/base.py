@@ -39,6 +39,9 @@ class Method:
             without it work on any image classifier.
         sanity_checkable: Its maps can be recomputed on a randomised model (the sanity
             check); False for maps read from a file.
+        chance_control: Its maps carry no information about the model (a chance level):
+            normalised scores put it at 0, and the metric check compares the ground-truth
+            mask with it. The run uses the first such method it scores.
 
     Args:
         adapter: The model to explain.
@@ -48,6 +51,7 @@ class Method:
     uses_gradients = False
     needs_tokens = False
     sanity_checkable = True
+    chance_control = False
 
     @classmethod
     def options_from_run(cls, run: RunContext, options: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ class RandomMethod(Method):
     """
 
     name = "random"
+    chance_control = True
 
     @classmethod
     def options_from_run(cls, run: Any, options: dict[str, Any]) -> dict[str, Any]:
