@@ -69,11 +69,12 @@ def write(path: Path, source: str) -> Path:
     return path
 
 
-def fake_install(root: Path, name: str, entry_points: str) -> None:
+def fake_install(root: Path, name: str, entry_points: str, group: str = "patchbench.methods") -> None:
     """What pip leaves in site-packages: a dist-info folder with METADATA and entry_points.txt."""
     info = root / f"{name.replace('-', '_')}-0.1.0.dist-info"
     write(info / "METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
-    write(info / "entry_points.txt", "[patchbench.methods]\n" + textwrap.dedent(entry_points))
+    text = textwrap.dedent(entry_points)
+    write(info / "entry_points.txt", text if text.startswith("[") else f"[{group}]\n{text}")
 
 
 def install_vargrad(root: Path) -> None:
@@ -538,3 +539,71 @@ def test_run_reports_only_its_own_plugin_problems(tmp_path, glyphs_model, one_th
     assert not any(str(broken) in p for p in b["run"]["plugin_problems"])
     c = run_benchmark(BenchConfig(run="c", plugins=(str(broken),), **small), progress=False)
     assert c["run"]["plugin_problems"] == a["run"]["plugin_problems"]  # loaded once, reported each time
+
+
+OTHER_KINDS = """\
+    import torch
+
+    from patchbench.datasets.synthetic import ToyCount
+    from patchbench.models.removal import PixelOperator
+
+
+    class Grey(PixelOperator):
+        \"\"\"Patches removed to mid-grey.\"\"\"
+
+        name = "pb-test-grey"
+
+        def baseline(self, adapter, images, seeds):
+            return torch.full_like(images, 0.5)
+
+
+    class SmallCount(ToyCount):
+        \"\"\"toy-count under another name.\"\"\"
+
+
+    def helper():
+        return None
+"""
+
+SCORE_MODULE = """\
+    from patchbench.metrics.scores import register_score
+
+
+    @register_score("pb_test_final_p", "final p", True, "faithfulness", 0.1, "last deletion point",
+                    curves=("deletion",))
+    def final_p(c):
+        return c.prob["deletion"][:, -1]
+"""
+
+
+def test_entry_points_of_operators_datasets_and_scores(tmp_path, monkeypatch):
+    from patchbench.datasets import DATASETS
+    from patchbench.metrics.scores import SCORES
+    from patchbench.models import OPERATORS
+
+    write(tmp_path / "pb_test_kinds.py", OTHER_KINDS)
+    write(tmp_path / "pb_test_kinds_scores.py", SCORE_MODULE)
+    fake_install(tmp_path, "pb-test-kinds", ("""\
+        [patchbench.operators]
+        pb-test-grey = pb_test_kinds:Grey
+        pb-test-helper = pb_test_kinds:helper
+        [patchbench.datasets]
+        pb-test-small = pb_test_kinds:SmallCount
+        [patchbench.scores]
+        pb-test-scores = pb_test_kinds_scores
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    saved = [(r, dict(r._entries)) for r in (OPERATORS, DATASETS, SCORES)]
+    try:
+        problems = plugins.load_entry_points(force=True)
+        assert OPERATORS.get("pb-test-grey").__name__ == "Grey"
+        assert DATASETS.get("pb-test-small").__name__ == "SmallCount"
+        assert SCORES.get("pb_test_final_p").label == "final p"
+        assert len(problems) == 1 and problems[0].startswith(
+            "plugin [patchbench.operators] pb-test-helper = pb_test_kinds:helper (package pb-test-kinds): "
+            "expected a RemovalOperator subclass"), problems
+        assert "pb-test-helper" not in OPERATORS
+    finally:
+        for registry, entries in saved:
+            registry._entries.clear()
+            registry._entries.update(entries)

@@ -1,14 +1,20 @@
-"""Method plugins: installed packages (entry points) and files or modules named on the command line.
+"""Plugins: installed packages (entry points) and files or modules named on the command line.
 
-A plugin either registers methods when imported (``@register_method``) or *is* a
-:class:`Method` subclass, registered under the entry point's name (or its ``name``). A plugin
-that fails to import, registers a name already taken, or does not follow the contract is
-reported by name with what is wrong; the other plugins and the run go on.
+A plugin module registers what it adds when imported (``@register_method``,
+``@OPERATORS.register``, ``@DATASETS.register``, ``@register_score``). An entry point may
+also name one class, registered under the entry point's name: a :class:`Method` subclass in
+the ``patchbench.methods`` group, a removal operator in ``patchbench.operators``, a dataset
+in ``patchbench.datasets``. A plugin that fails to import, registers a name already taken, or
+does not follow the contract is reported by name with what is wrong; the other plugins and
+the run go on.
 
 Entry points, in a plugin package's ``pyproject.toml``::
 
     [project.entry-points."patchbench.methods"]
     vargrad = "patchbench_vargrad:VarGrad"
+
+    [project.entry-points."patchbench.scores"]
+    my_scores = "my_package.scores"    # a module that calls register_score
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 from patchbench.methods.base import METHODS, Method
 
 GROUP = "patchbench.methods"
+GROUPS = (GROUP, "patchbench.operators", "patchbench.datasets", "patchbench.scores")
 PROBLEMS: list[str] = []  # every problem met so far in this process
 _entry_point_problems: list[str] = []
 _entry_points_loaded = False
@@ -33,16 +40,19 @@ _specs_loaded: dict[str, list[str]] = {}  # spec -> the problems it had
 
 
 def load_entry_points(force: bool = False) -> list[str]:
-    """Loads every installed ``patchbench.methods`` plugin once; returns the problems met."""
+    """Loads every installed plugin of every group in :data:`GROUPS` once; returns the
+    problems met."""
     global _entry_points_loaded
     if _entry_points_loaded and not force:
         return []
     _entry_points_loaded = True
     problems = []
-    for ep in entry_points(group=GROUP):
-        dist = getattr(getattr(ep, "dist", None), "name", None)
-        label = f"{ep.name} = {ep.value}" + (f" (package {dist})" if dist else "")
-        problems += _add(label, ep.load, ep.name)
+    for group in GROUPS:
+        for ep in entry_points(group=group):
+            dist = getattr(getattr(ep, "dist", None), "name", None)
+            label = (f"[{group}] " if group != GROUP else "") + f"{ep.name} = {ep.value}"
+            label += f" (package {dist})" if dist else ""
+            problems += _add(label, ep.load, ep.name, group)
     _entry_point_problems.extend(problems)
     PROBLEMS.extend(problems)
     return problems
@@ -102,7 +112,7 @@ def _registered() -> set[tuple[int, str]]:
     return {(i, name) for i, r in enumerate(_registries()) for name in r.list()}
 
 
-def _add(label: str, load: Callable[[], Any], name: str | None = None) -> list[str]:
+def _add(label: str, load: Callable[[], Any], name: str | None = None, group: str = GROUP) -> list[str]:
     before = _registered()
     try:
         obj = load()
@@ -114,6 +124,8 @@ def _add(label: str, load: Callable[[], Any], name: str | None = None) -> list[s
     if isinstance(obj, ModuleType):
         if _registered() - before:
             return []  # it registered its components (methods, datasets, ...) itself
+        if group != GROUP:
+            return [f"plugin {label}: the module registers no method, dataset, operator, model or score"]
         # otherwise: the Method subclasses it defines, each under its ``name``
         defined = [c for c in vars(obj).values() if isinstance(c, type) and issubclass(c, Method)
                    and c.__module__ == obj.__name__ and c._attribute is not Method._attribute]
@@ -121,6 +133,8 @@ def _add(label: str, load: Callable[[], Any], name: str | None = None) -> list[s
             return [f"plugin {label} defines no Method subclass overriding _attribute and registers "
                     "no method, dataset, operator, model or score"]
         return [p for c in defined for p in _add(f"{label}:{c.__name__}", lambda c=c: c)]
+    if group != GROUP:
+        return _add_component(label, obj, name, group)
     problem = contract_problem(obj)
     if problem:
         return [f"plugin {label}: {problem}"]
@@ -131,6 +145,30 @@ def _add(label: str, load: Callable[[], Any], name: str | None = None) -> list[s
         return [f"plugin {label}: {e}"]
     if obj.name == "base":
         obj.name = key
+    return []
+
+
+def _add_component(label: str, obj: Any, name: str, group: str) -> list[str]:
+    """An entry point naming one operator or dataset class, registered under its name."""
+    from patchbench.datasets import DATASETS
+    from patchbench.datasets.base import GroundTruthDataset
+    from patchbench.datasets.files import FileDataset
+    from patchbench.models import OPERATORS
+    from patchbench.models.removal import RemovalOperator
+
+    kinds = {"patchbench.operators": (OPERATORS, (RemovalOperator,), "a RemovalOperator subclass"),
+             "patchbench.datasets": (DATASETS, (GroundTruthDataset, FileDataset),
+                                     "a GroundTruthDataset or FileDataset subclass")}
+    if group not in kinds:
+        return [f"plugin {label}: a {group} entry point must name a module that registers "
+                f"its components, got {obj!r}"]
+    registry, bases, expected = kinds[group]
+    if not (isinstance(obj, type) and issubclass(obj, bases)):
+        return [f"plugin {label}: expected {expected} or a module that registers one, got {obj!r}"]
+    try:
+        registry.register(name)(obj)
+    except ValueError as e:  # the name is taken: say by whom
+        return [f"plugin {label}: {e}"]
     return []
 
 
