@@ -192,16 +192,25 @@ def _one_line(e: BaseException) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from patchbench.datasets import DATASETS
-    from patchbench.methods import METHODS, plugins
-    from patchbench.models import MODELS, OPERATORS
+    import fnmatch
 
-    plugins.load_all(args.plugins)
-    registry = {"methods": METHODS, "datasets": DATASETS, "operators": OPERATORS,
-                "models": MODELS}[args.kind]
-    for name in registry.list(args.pattern):
-        doc = (registry.get(name).__doc__ or "").strip().splitlines()
-        print(f"{name:24s} {doc[0] if doc else ''}")
+    from patchbench import catalogue
+
+    if not args.plugins and not catalogue.has_installed_plugins():  # the built-ins: no torch import
+        found = catalogue.builtins()[args.kind]
+        docs = {n: found[n] for n in sorted(found) if fnmatch.fnmatch(n, args.pattern)}
+    else:
+        from patchbench.datasets import DATASETS
+        from patchbench.methods import METHODS, plugins
+        from patchbench.models import MODELS, OPERATORS
+
+        plugins.load_all(args.plugins)
+        registry = {"methods": METHODS, "datasets": DATASETS, "operators": OPERATORS,
+                    "models": MODELS}[args.kind]
+        docs = {n: ((registry.get(n).__doc__ or "").strip().splitlines() or [""])[0]
+                for n in registry.list(args.pattern)}
+    for name, doc in docs.items():
+        print(f"{name:24s} {doc}")
     return 0
 
 

@@ -29,10 +29,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from patchbench.catalogue import PLUGIN_GROUPS
 from patchbench.methods.base import METHODS, Method
 
 GROUP = "patchbench.methods"
-GROUPS = (GROUP, "patchbench.operators", "patchbench.datasets", "patchbench.scores")
+GROUPS = PLUGIN_GROUPS
 PROBLEMS: list[str] = []  # every problem met so far in this process
 _entry_point_problems: list[str] = []
 _entry_points_loaded = False
