@@ -86,3 +86,28 @@ def test_the_torch_free_catalogue_equals_the_registries():
                 if registry.get(n).__module__.startswith("patchbench.") and ":" not in n}
         assert builtins()[kind] == live, kind
     assert len(builtins()["methods"]) >= 12 and "mean" in builtins()["operators"]
+
+
+def test_messages_go_through_logging(tmp_path, capsys):
+    import logging
+
+    from patchbench.methods import plugins
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("patchbench")
+    level = log.level
+    log.addHandler(handler)
+    try:
+        log.setLevel(logging.ERROR)  # a user quiets patchbench: nothing reaches stderr
+        plugins.load_all([str(tmp_path / "first_missing.py")])
+        assert records == [] and capsys.readouterr().err == ""
+        log.setLevel(logging.INFO)
+        plugins.load_all([str(tmp_path / "second_missing.py")])
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert [r.levelname for r in records] == ["WARNING"] and records[0].name == "patchbench.methods.plugins"
+    assert "second_missing.py failed to load" in records[0].getMessage()
+    assert "patchbench: warning: plugin" in capsys.readouterr().err  # the default handler: stderr

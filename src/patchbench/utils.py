@@ -9,7 +9,6 @@ import os
 import platform
 import random
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from importlib import metadata
@@ -18,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from patchbench.log import get_logger
 
 
 @contextlib.contextmanager
@@ -103,8 +104,8 @@ def load_cached(path: Path, keys: tuple[str, ...], what: str) -> dict[str, Any] 
         problem = f"expected keys {', '.join(keys)}"
     except Exception as e:  # truncated zip, bad pickle: all mean "rebuild"
         problem = f"{type(e).__name__}: {e}"
-    print(f"patchbench: warning: cached {what} {path} is unreadable ({' '.join(problem.split())}); "
-          "training it again", file=sys.stderr)
+    get_logger(__name__).warning(f"patchbench: warning: cached {what} {path} is unreadable "
+                                 f"({' '.join(problem.split())}); training it again")
     return None
 
 

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,12 @@ from scipy import stats
 
 from patchbench.bench.report import Gallery, Section
 from patchbench.bench.tables import Cell, Table, markdown
+from patchbench.log import get_logger
 from patchbench.metrics.scores import MAIN_SCORE, score, scores
 from patchbench.metrics.stats import bootstrap_ci, holm, normalise, paired_test, rank_agreement
 from patchbench.utils import make_temp_dir
 
+LOG = get_logger(__name__)
 GROUP = ["dataset", "model", "operator"]
 ALPHA = 0.05
 AUC_NOTE = ("AUCs: trapezoid rule over the fraction of patches removed/inserted in [0, 1], "
@@ -479,7 +480,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"patchbench: waiting for another process writing {run_dir}", file=sys.stderr)
+            LOG.info(f"patchbench: waiting for another process writing {run_dir}")
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

@@ -8,7 +8,6 @@ import functools
 import hashlib
 import inspect
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ from patchbench.context import RunContext, options_from_run
 from patchbench.datasets import DATASETS, create_dataset
 from patchbench.datasets.base import select_samples
 from patchbench.datasets.files import FileDataset
+from patchbench.log import get_logger
 from patchbench.memory import choose_chunk, parse_bytes
 from patchbench.methods import METHODS, Method, create_method
 from patchbench.methods.precomputed import register_maps_file
@@ -72,6 +72,7 @@ from patchbench.utils import (
     write_json,
 )
 
+LOG = get_logger(__name__)
 SCORE_COLUMNS = ["model", "dataset", "method", "operator", "metric", "sample_id", "value"]
 
 
@@ -143,7 +144,7 @@ class Part:
     def warn(self, msg: str) -> None:
         """Reported even with --quiet, and kept in run.json."""
         self.warnings.append(msg)
-        tqdm.write(msg, file=sys.stderr)
+        LOG.warning(msg)
 
     @contextlib.contextmanager
     def stage(self, dataset: str, name: str) -> Iterator[None]:

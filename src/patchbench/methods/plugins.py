@@ -30,8 +30,10 @@ from types import ModuleType
 from typing import Any
 
 from patchbench.catalogue import PLUGIN_GROUPS
+from patchbench.log import get_logger
 from patchbench.methods.base import METHODS, Method
 
+LOG = get_logger(__name__)
 GROUP = "patchbench.methods"
 GROUPS = PLUGIN_GROUPS
 PROBLEMS: list[str] = []  # every problem met so far in this process
@@ -66,7 +68,7 @@ def load_all(specs: tuple[str, ...] | list[str] = ()) -> list[str]:
     for spec in specs:
         problems += load_plugin(spec)
     for p in problems:
-        print(f"patchbench: warning: {p}", file=sys.stderr)
+        LOG.warning(f"patchbench: warning: {p}")
     return problems
 
 

@@ -7,7 +7,6 @@ of them trains a new model and a second run with the same settings reuses the ca
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,10 +19,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from patchbench.datasets import create_dataset
+from patchbench.log import get_logger
 from patchbench.models.adapter import ViTAdapter
 from patchbench.registry import Registry
 from patchbench.utils import atomic_path, cache_dir, load_cached, stable_hash
 
+LOG = get_logger(__name__)
 MODELS: Registry[nn.Module] = Registry("model")
 MEAN = STD = (0.5, 0.5, 0.5)
 CHECKPOINT_FORMAT = 1
@@ -144,6 +145,6 @@ def _loads(model: nn.Module, state: Any) -> bool:
         model.load_state_dict(state)
         return True
     except (RuntimeError, TypeError, AttributeError) as e:  # wrong keys or shapes: rebuild it
-        print(f"patchbench: warning: cached model weights do not fit ({' '.join(str(e).split())[:200]}); "
-              "training it again", file=sys.stderr)
+        LOG.warning(f"patchbench: warning: cached model weights do not fit "
+                    f"({' '.join(str(e).split())[:200]}); training it again")
         return False
