@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from patchbench.datasets import DATASETS
+from patchbench.datasets.stats import train_mean_colour
+
 
 @dataclass
 class RunContext:
@@ -69,11 +74,6 @@ class RunContext:
         return self.memo("mean_colour", self._mean_colour)
 
     def _mean_colour(self) -> dict[str, Any]:
-        import torch
-
-        from patchbench.datasets import DATASETS
-        from patchbench.datasets.stats import train_mean_colour
-
         colour = None if self.dataset not in DATASETS else train_mean_colour(  # data given as tensors
             self.dataset, self.seed, self.cfg.data_root, self.cfg.dataset_options.get(self.dataset))
         if colour is None:

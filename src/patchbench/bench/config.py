@@ -132,6 +132,8 @@ class BenchConfig:
 
     def _check_names(self, given: set[str]) -> None:
         """Every named component exists (a typo lists the valid names) and takes its options."""
+        # imported here, not at the top: the registries import torch, and the config is read
+        # by `patchbench --help`, which answers without it
         from patchbench.datasets import DATASETS
         from patchbench.methods import METHODS
         from patchbench.methods.diffmask_train import DiffMaskConfig

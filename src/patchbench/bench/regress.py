@@ -8,6 +8,7 @@ than the tolerance; ``update=True`` accepts the new scores as the reference.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from patchbench.bench.config import BenchConfig, read_config
+from patchbench.bench.runner import run_benchmark
 from patchbench.bench.tables import Cell, Table, markdown
 from patchbench.metrics.scores import scores
 from patchbench.utils import provenance, write_json
@@ -88,8 +90,6 @@ def regress(config: str, reference_dir: str | Path = REFERENCE_DIR, update: bool
         RegressionError: Some score moved, appeared or disappeared.
         FileNotFoundError: No reference yet (run with ``update=True`` once).
     """
-    from patchbench.bench.runner import run_benchmark
-
     values = {**read_config(config), **overrides, "overwrite": "always"}
     cfg = BenchConfig(**values)
     name = Path(config).stem
@@ -103,15 +103,11 @@ def regress(config: str, reference_dir: str | Path = REFERENCE_DIR, update: bool
         raise RegressionError(f"{len(out['failures'])} method run(s) failed: {out['failures']}")
     current = reference_scores(out["scores"])
     if update:
-        import json
-
         tolerance = tolerances()
         write_json(path, {"config": name, "tolerance": tolerance, "scores": current,
                           "n_scores": len(current), "seconds": round(time.perf_counter() - start, 1),
                           **{k: v for k, v in provenance().items() if k in ("git_commit", "packages")}})
         return compare(current, current, tolerance)
-    import json
-
     ref = json.loads(path.read_text())
     tolerance = ref.get("tolerance", tolerances())
     table = compare(ref["scores"], current, tolerance)

@@ -49,7 +49,7 @@ from patchbench.datasets.base import select_samples
 from patchbench.datasets.files import FileDataset
 from patchbench.log import get_logger
 from patchbench.memory import choose_chunk, parse_bytes
-from patchbench.methods import METHODS, Method, create_method
+from patchbench.methods import METHODS, Method, create_method, plugins
 from patchbench.methods.precomputed import register_maps_file
 from patchbench.metrics import (
     CURVES,
@@ -60,7 +60,8 @@ from patchbench.metrics import (
 )
 from patchbench.metrics.faithfulness import Curves
 from patchbench.models import OPERATORS, create_operator, load_model
-from patchbench.models.hub import create_model, resize_for_model
+from patchbench.models.adapter import NotAViTError, resize_for_model
+from patchbench.models.hub import create_model
 from patchbench.models.zoo import MODELS, TrainConfig
 from patchbench.utils import (
     autocast,
@@ -678,8 +679,6 @@ def _load_model(cfg: BenchConfig, dataset: str, progress: bool) -> tuple[Any, di
 
 def _load_plugins(cfg: BenchConfig) -> list[str]:
     """Installed plugins and ``cfg.plugins``; problems are reported and the run goes on."""
-    from patchbench.methods import plugins
-
     plugins.load_all(cfg.plugins)
     return plugins.problems_of(cfg.plugins)
 
@@ -689,8 +688,6 @@ def _check_token_needs(cfg: BenchConfig, adapter: Any, warn: Callable[[str], Non
     ``warn``, leaves them out of ``cfg`` and says so instead."""
     if adapter.is_vit:
         return
-    from patchbench.models.adapter import NotAViTError
-
     methods = [m for m in cfg.methods if m in METHODS and METHODS.get(m).needs_tokens]
     operators = [o for o in cfg.operators if o in OPERATORS and OPERATORS.get(o).needs_tokens]
     if (methods or operators) and warn is not None:

@@ -138,24 +138,3 @@ def register_method(name: str | None = None):
 def token_free_methods() -> list[str]:
     """Registered methods that work on any image classifier, not only ViTs."""
     return [n for n in METHODS.list() if not METHODS.get(n).needs_tokens]
-
-
-def create_method(name: str, adapter: ImageAdapter, **options: Any) -> Method:
-    """Creates a registered method by name; ``options`` go to its constructor."""
-    _load_installed_plugins()
-    return METHODS.create(name, adapter, **options)
-
-
-def list_methods(pattern: str | list[str] = "*") -> list[str]:
-    """Registered method names matching wildcard pattern(s), e.g. ``list_methods("*grad*")``."""
-    _load_installed_plugins()
-    return METHODS.list(pattern)
-
-
-def _load_installed_plugins() -> None:
-    import warnings
-
-    from patchbench.methods.plugins import load_entry_points
-
-    for problem in load_entry_points():
-        warnings.warn(problem, stacklevel=3)

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from patchbench.datasets import DATASETS, create_dataset
+from patchbench.datasets.files import FileDataset
 from patchbench.methods.diffmask import DiffMaskExplainer, hard_concrete_sample, log_prob_nonzero
 from patchbench.models.adapter import ViTAdapter
 from patchbench.utils import atomic_path, cache_dir, load_cached, stable_hash
@@ -78,7 +80,16 @@ class DiffMaskConfig:
 
 class Lookahead:
     """Lookahead (Zhang et al., 2019) over any optimiser: every k steps the slow weights move
-    ``alpha`` of the way to the fast ones, and the fast weights restart from there."""
+    ``alpha`` of the way to the fast ones, and the fast weights restart from there.
+
+    Kept hand-written rather than ``timm.optim.Lookahead`` (measured, issue 14): timm's slow
+    weights start at the first synchronisation, not at the initial weights (so that
+    synchronisation is a no-op), and it leaves out parameters without a gradient at a
+    synchronisation step. Here only the drawn layer's gates and multiplier have a gradient at
+    each step, so under timm the others are synchronised only when their layer happens to be
+    drawn on a multiple of k. On the default glyphs explainer (800 steps) timm's gave final KL
+    0.048 against 0.011 here, with the same kept fraction (0.23) and AUROC (0.821).
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, k: int = 6, alpha: float = 0.5) -> None:
         self.optimizer, self.k, self.alpha, self.count = optimizer, k, alpha, 0
@@ -288,9 +299,6 @@ def train_or_load(adapter: ViTAdapter, dataset: str, cfg: DiffMaskConfig | None 
     batch by batch (:class:`PreparedImages`). An ``imagefolder`` has no split of its own:
     ``data_root`` must then be a training folder, not the evaluated one.
     """
-    from patchbench.datasets import DATASETS, create_dataset
-    from patchbench.datasets.files import FileDataset
-
     cfg = cfg or DiffMaskConfig()
     on_disk = issubclass(DATASETS.get(dataset), FileDataset)
     source = {"data_root": str(Path(data_root).resolve()) if data_root else None, "n_train": n_train,
@@ -319,8 +327,6 @@ def train_or_load(adapter: ViTAdapter, dataset: str, cfg: DiffMaskConfig | None 
 def train_for_run(run: Any) -> Path:
     """The explainer for a run's model and dataset (see :func:`train_or_load`), trained by one
     process per node; its training log is added to the run folder's files."""
-    from patchbench.datasets import DATASETS
-
     cfg = run.cfg
     if not getattr(DATASETS.get(run.dataset), "has_train_split", True) and not cfg.train_data_root:
         raise ValueError(f"DiffMask trains on a train split, and {run.dataset} has none: give "

@@ -30,8 +30,14 @@ from types import ModuleType
 from typing import Any
 
 from patchbench.catalogue import PLUGIN_GROUPS
+from patchbench.datasets import DATASETS
+from patchbench.datasets.base import GroundTruthDataset
+from patchbench.datasets.files import FileDataset
 from patchbench.log import get_logger
 from patchbench.methods.base import METHODS, Method
+from patchbench.metrics.scores import SCORES
+from patchbench.models import MODELS, OPERATORS
+from patchbench.models.removal import RemovalOperator
 
 LOG = get_logger(__name__)
 GROUP = "patchbench.methods"
@@ -104,10 +110,6 @@ def contract_problem(cls: type) -> str | None:
 
 def _registries() -> list[Any]:
     """Every registry a plugin module may add to (methods, datasets, operators, models, scores)."""
-    from patchbench.datasets import DATASETS
-    from patchbench.metrics.scores import SCORES
-    from patchbench.models import MODELS, OPERATORS
-
     return [METHODS, DATASETS, OPERATORS, MODELS, SCORES]
 
 
@@ -153,12 +155,6 @@ def _add(label: str, load: Callable[[], Any], name: str | None = None, group: st
 
 def _add_component(label: str, obj: Any, name: str, group: str) -> list[str]:
     """An entry point naming one operator or dataset class, registered under its name."""
-    from patchbench.datasets import DATASETS
-    from patchbench.datasets.base import GroundTruthDataset
-    from patchbench.datasets.files import FileDataset
-    from patchbench.models import OPERATORS
-    from patchbench.models.removal import RemovalOperator
-
     kinds = {"patchbench.operators": (OPERATORS, (RemovalOperator,), "a RemovalOperator subclass"),
              "patchbench.datasets": (DATASETS, (GroundTruthDataset, FileDataset),
                                      "a GroundTruthDataset or FileDataset subclass")}

@@ -11,11 +11,13 @@ register tokens, DeiT's distillation token and non-square grids work unchanged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor, nn
 
@@ -144,8 +146,6 @@ class ImageAdapter:
         they are read (it is exactly timm's, on the decoded image); this tensor path is for
         callers holding tensors already."""
         if tuple(images.shape[-2:]) != self.img_size:
-            from patchbench.models.hub import resize_for_model
-
             cfg = self.data_config
             images = resize_for_model(images, self.img_size, cfg.get("crop_pct", 1.0),
                                       cfg.get("interpolation", "bicubic"))
@@ -403,3 +403,16 @@ class ViTAdapter(ImageAdapter):
         with self.record_attention() as records:
             self.logits(images)
         return list(records)
+
+
+def resize_for_model(images: Tensor, size: tuple[int, int], crop_pct: float = 1.0,
+                     interpolation: str = "bicubic") -> Tensor:
+    """Resize (shorter side to ``size / crop_pct``) and centre-crop pixel images ``[B, 3, h, w]``
+    to ``size``, as timm's evaluation transform does."""
+    h, w = size
+    scale = math.floor(max(h, w) / crop_pct)
+    mode = {"bicubic": TF.InterpolationMode.BICUBIC, "bilinear": TF.InterpolationMode.BILINEAR,
+            "nearest": TF.InterpolationMode.NEAREST}.get(interpolation, TF.InterpolationMode.BICUBIC)
+    out = TF.resize(images, scale, interpolation=mode, antialias=True)
+    return TF.center_crop(out, [h, w]).clamp(0, 1)
+

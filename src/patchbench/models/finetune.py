@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from patchbench.datasets import DATASETS, create_dataset
+from patchbench.datasets.files import FileDataset
+from patchbench.models.hub import create_timm_model
 from patchbench.utils import atomic_path, resolve_device, write_json
 from patchbench.utils import autocast as autocast_ctx
 
@@ -82,10 +85,6 @@ def finetune(model: str, dataset: str, data_root: str, out: str | Path,
     Returns:
         Metrics: steps done, whether training finished, train loss, test accuracy, paths.
     """
-    from patchbench.datasets import DATASETS, create_dataset
-    from patchbench.datasets.files import FileDataset
-    from patchbench.models.hub import create_timm_model
-
     cfg = cfg or FinetuneConfig()
     if not issubclass(DATASETS.get(dataset), FileDataset):
         raise ValueError(f"fine-tuning reads a dataset from disk (cifar10, imagefolder), not {dataset!r}; "

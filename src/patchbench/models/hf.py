@@ -13,9 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from patchbench.models.adapter import ViTAdapter
+from patchbench.models.adapter import NotAViTError, ViTAdapter
 
 PREFIX = "hf:"
 
@@ -61,8 +62,6 @@ class HFViTAdapter(ViTAdapter):
                                   return_tensors="pt")["pixel_values"][0].float()
 
     def _check_model(self, model: nn.Module) -> None:
-        from patchbench.models.adapter import NotAViTError
-
         if not hasattr(model.hf, "vit") or not hasattr(model.hf, "classifier"):
             raise NotAViTError(f"{type(model.hf).__name__} is not a ViTForImageClassification")
 
@@ -113,8 +112,6 @@ class HFViTAdapter(ViTAdapter):
         return self._vit.embeddings.patch_embeddings(images)
 
     def _add_positions(self, h0: Tensor) -> Tensor:
-        import torch
-
         emb = self._vit.embeddings
         cls = emb.cls_token.expand(h0.shape[0], -1, -1)
         return torch.cat([cls, h0], dim=1) + emb.position_embeddings
@@ -136,8 +133,6 @@ class HFViTAdapter(ViTAdapter):
         SDPA never materialises the probabilities, so the eager implementation is selected
         only inside the context and the attention modules' second output is recorded.
         """
-        import torch
-
         records: list[Tensor] = []
         config = self.model.hf.config
         before = getattr(config, "_attn_implementation", None)

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 
 from patchbench.models.adapter import ImageAdapter, ViTAdapter
+from patchbench.models.hf import PREFIX, create_hf_model
 from patchbench.registry import UnknownNameError
 
 
@@ -121,7 +120,6 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
                  num_classes: int | None = None) -> tuple[ImageAdapter, dict[str, Any]]:
     """A model by name: ``hf:<hub id or folder>`` for Hugging Face ViTs, else a timm name
     (see :func:`create_timm_model`)."""
-    from patchbench.models.hf import PREFIX, create_hf_model
 
     if name.startswith(PREFIX):
         if checkpoint is not None or num_classes is not None:
@@ -129,15 +127,3 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
                              "--checkpoint does not apply")
         return create_hf_model(name)
     return create_timm_model(name, pretrained, checkpoint, num_classes)
-
-
-def resize_for_model(images: Tensor, size: tuple[int, int], crop_pct: float = 1.0,
-                     interpolation: str = "bicubic") -> Tensor:
-    """Resize (shorter side to ``size / crop_pct``) and centre-crop pixel images ``[B, 3, h, w]``
-    to ``size``, as timm's evaluation transform does."""
-    h, w = size
-    scale = math.floor(max(h, w) / crop_pct)
-    mode = {"bicubic": TF.InterpolationMode.BICUBIC, "bilinear": TF.InterpolationMode.BILINEAR,
-            "nearest": TF.InterpolationMode.NEAREST}.get(interpolation, TF.InterpolationMode.BICUBIC)
-    out = TF.resize(images, scale, interpolation=mode, antialias=True)
-    return TF.center_crop(out, [h, w]).clamp(0, 1)
