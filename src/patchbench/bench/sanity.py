@@ -178,6 +178,8 @@ def randomised_copy(adapter: Any, stages: int, seed: int = 0) -> Any:
 
 def _ranks(x: Tensor) -> Tensor:
     """Average ranks (1-based) along the last dimension; ties share the mean of their ranks."""
+    # hand-written rather than scipy.stats.spearmanr: batched over every image in one call,
+    # and with a defined value for constant maps (scipy returns NaN and warns)
     s = x.sort(-1).values
     # the tied run of a value occupies sorted positions left+1 ... right
     left = torch.searchsorted(s, x, right=False)

@@ -15,7 +15,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -181,6 +181,36 @@ def _attribution_ms(name: str, job: Job, batch_size: int, device: torch.device, 
     return 1000 * seconds / len(images)
 
 
+@dataclass
+class Timing:
+    """One speed run's shared state: the prepared job, random maps, and the rows measured."""
+
+    cfg: SpeedConfig
+    job: Job
+    device: torch.device
+    maps: Tensor
+    counts: Tensor
+    constant: Any = None  # a constant-baseline operator Quantus can apply too, and its reference
+    reference: Any = None
+    ours: Tensor | None = None  # patchbench's deletion curve ``[N, S + 1]``, the one compared with
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def interior(self) -> int:
+        """Forward rows per image and curve (the clean and all-removed points are shared)."""
+        return len(self.counts) - 2
+
+    def record(self, table: str, item: str, **values: Any) -> None:
+        self.rows.append({"table": table, "item": item, **values})
+
+    def harness(self, op: Any, reference: Any, curves: tuple[str, ...] = ("deletion",)) -> Any:
+        """patchbench's curves of the random maps under ``op``."""
+        job = self.job
+        with autocast(self.device, self.cfg.autocast):
+            return faithfulness_curves(job.run.adapter, op, job.images, job.target, self.maps, reference,
+                                       self.cfg.steps, job.chunk, curves=curves)
+
+
 def run_speed(cfg: SpeedConfig, progress: bool = True, pretrained: bool = False,
               data_root: str | None = None) -> dict[str, Any]:
     """Runs every measurement and writes ``speed.md``, ``speed.csv`` and ``speed.json`` to ``cfg.out``.
@@ -193,7 +223,7 @@ def run_speed(cfg: SpeedConfig, progress: bool = True, pretrained: bool = False,
         data_root: Folder of a dataset on disk.
 
     Returns:
-        ``{"markdown", "rows" (tidy DataFrame), "out"}``.
+        ``{"markdown", "rows" (tidy DataFrame), "out", "context"}``.
     """
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -204,108 +234,116 @@ def run_speed(cfg: SpeedConfig, progress: bool = True, pretrained: bool = False,
     bench_cfg.validate()
     # the benchmark's own preparation: model, images, targets, operators and their references
     job = prepare(bench_cfg, cfg.dataset, device, progress=progress, timing_only=True)
-    adapter, meta, images, target, ids, chunk = (job.run.adapter, job.run.meta, job.images, job.target,
-                                                 job.ids, job.chunk)
-    amp = cfg.autocast
-    n, p = len(images), adapter.num_patches
-    counts = step_counts(p, cfg.steps)
-    interior = len(counts) - 2
-    maps = torch.rand(n, *adapter.grid, generator=torch.Generator().manual_seed(cfg.seed))
-    maps = maps.to(device)
-    per_row = row_bytes(adapter, images)
-    slow = min(cfg.slow_images or n, n)
-    rows: list[dict[str, Any]] = []
+    maps = torch.rand(len(job.ids), *job.run.adapter.grid, generator=torch.Generator().manual_seed(cfg.seed))
+    t = Timing(cfg, job, device, maps.to(device), step_counts(job.run.adapter.num_patches, cfg.steps),
+               *_constant(job))
+    steps = tqdm(total=4, desc="speed", disable=not progress)
+    bound_per_row, rates = _same_work(t)
+    steps.update()
+    _slow_runs(t)
+    steps.update()
+    _operator_costs(t, bound_per_row)
+    steps.update()
+    for name in bench_cfg.methods:  # those the model can serve
+        t.record("attribution", name, ms_per_image=_attribution_ms(name, job, cfg.batch_size, device,
+                                                                    cfg.autocast), images=len(job.ids))
+    steps.close()
+    for batch, rate in rates.items():
+        t.record("forward_rate", str(batch), rows_per_second=rate)
+    return _write_speed(t)
 
-    def record(table: str, item: str, **values: Any) -> None:
-        rows.append({"table": table, "item": item, **values})
 
-    steps_bar = tqdm(total=6, desc="speed", disable=not progress)
+def _constant(job: Job) -> tuple[Any, Any]:
+    """A constant baseline (0 in the model's input) that Quantus can apply too, with its reference."""
+    constant = create_operator("mean", colour=(0.0,) * job.images.shape[1])
+    ids = torch.tensor(job.ids)
+    return constant, prepare_reference(job.run.adapter, constant, job.images, ids, job.chunk)
 
-    # 1. the same work: the deletion curve of p(target), with a constant baseline Quantus can use
-    constant = create_operator("mean", colour=(0.0,) * images.shape[1])
-    ref = prepare_reference(adapter, constant, images, torch.tensor(ids), chunk)
-    best_batch, _, rates = best_forward_rate(adapter, images, device, amp, max(1024, chunk))
-    steps_bar.update()
-    deletion_rows = n * interior
 
-    def harness(op: Any = constant, reference: Any = ref, curves: tuple[str, ...] = ("deletion",)) -> Any:
-        with autocast(device, amp):
-            return faithfulness_curves(adapter, op, images, target, maps, reference, cfg.steps, chunk,
-                                       curves=curves)
+def _same_work(t: Timing) -> tuple[float, dict[int, float]]:
+    """The bare model's bound and patchbench's harness on the same deletion curve.
 
-    # the bound and the harness alternate, so drifting machine speed touches both alike
-    harness()
+    Returns:
+        Seconds per forward row at the bound, and rows per second per batch size.
+    """
+    job, cfg, device = t.job, t.cfg, t.device
+    adapter, images = job.run.adapter, job.images
+    constant, ref = t.constant, t.reference
+    best_batch, _, rates = best_forward_rate(adapter, images, device, cfg.autocast, max(1024, job.chunk))
+    rows = len(images) * t.interior
+    t.harness(constant, ref)  # warm-up
     t_bound, t_harness = [], []
-    for _ in range(cfg.repeats):
-        t_bound.append(timed(lambda: bare_forwards(adapter, images, deletion_rows, best_batch, device, amp),
+    for _ in range(cfg.repeats):  # alternating, so drifting machine speed touches both alike
+        t_bound.append(timed(lambda: bare_forwards(adapter, images, rows, best_batch, device, cfg.autocast),
                              device)[0])
-        seconds, ours = timed(harness, device)
+        seconds, ours = timed(lambda: t.harness(constant, ref), device)
         t_harness.append(seconds)
-    bound, t_harness = statistics.median(t_bound), statistics.median(t_harness)
-    bound_per_row = bound / deletion_rows
-    ours_prob = ours.prob["deletion"].cpu()
-    work = dict(rows=deletion_rows, images=n)
-    record("same_work", "forward bound", seconds=bound, **work,
-           note=f"bare model at its best batch size ({best_batch})")
-    record("same_work", "patchbench", seconds=t_harness, **work,
-           note=f"faithfulness_curves, {chunk} rows per pass; the curve the others are compared with")
-    steps_bar.update()
+    t.ours = ours.prob["deletion"].cpu()
+    bound = statistics.median(t_bound)
+    t.record("same_work", "forward bound", seconds=bound, rows=rows, images=len(images),
+             note=f"bare model at its best batch size ({best_batch})")
+    t.record("same_work", "patchbench", seconds=statistics.median(t_harness), rows=rows, images=len(images),
+             note=f"faithfulness_curves, {job.chunk} rows per pass; the curve the others are compared with")
+    return bound / rows, rates
+
+
+def _slow_runs(t: Timing) -> None:
+    """The same curve by a naive loop and by Quantus, on the first ``slow_images``, each
+    checked against patchbench's."""
+    job, cfg, device = t.job, t.cfg, t.device
+    adapter, images, target, maps = job.run.adapter, job.images, job.target, t.maps
+    constant, ref = t.constant, t.reference
+    slow = min(cfg.slow_images or len(images), len(images))
     sub = slice(0, slow)
     state = None if ref.state is None else ref.state[sub]
     t_naive, naive = timed(lambda: naive_deletion(adapter, constant, images[sub], target[sub], maps[sub],
                                                   state, cfg.steps), device)
-    record("same_work", "naive loop", seconds=t_naive, rows=slow * interior, images=slow,
-           max_abs_diff=float((naive[:, 1:-1] - ours_prob[sub, 1:-1]).abs().max()),
-           note="one image and one step per forward pass")
-    steps_bar.update()
-    quantus_version = _version("quantus") if cfg.quantus else None
-    if cfg.quantus and not quantus_version:
-        record("same_work", "Quantus", note="not installed: pip install 'patchbench[bench]'")
-    if quantus_version and cfg.steps is None:
+    t.record("same_work", "naive loop", seconds=t_naive, rows=slow * t.interior, images=slow,
+             max_abs_diff=float((naive[:, 1:-1] - t.ours[sub, 1:-1]).abs().max()),
+             note="one image and one step per forward pass")
+    version = _version("quantus") if cfg.quantus else None
+    if cfg.quantus and not version:
+        t.record("same_work", "Quantus", note="not installed: pip install 'patchbench[bench]'")
+    elif version and cfg.steps is not None:
+        t.record("same_work", "Quantus",
+                 note="skipped: Quantus steps one patch at a time; run with --steps 0")
+    elif version:
+        p = adapter.num_patches
         for kind in ("RegionPerturbation", "PixelFlipping"):
             if kind == "PixelFlipping" and (images.shape[-1] * images.shape[-2]) % p:
                 continue
-            t_q, (curve, what) = timed(lambda kind=kind: quantus_deletion(
+            seconds, (curve, what) = timed(lambda kind=kind: quantus_deletion(
                 kind, adapter, images[sub], target[sub], maps[sub], 0.0, device, 64), device)
-            q_rows = slow * p * (images.shape[1] if kind == "PixelFlipping" else 1)
-            record("same_work", f"Quantus {quantus_version} {kind}", seconds=t_q, rows=q_rows, images=slow,
-                   max_abs_diff=float((curve - ours_prob[sub, 1:]).abs().max()), note=what)
-    elif quantus_version:
-        record("same_work", "Quantus", note="skipped: Quantus steps one patch at a time; run with --steps 0")
-    steps_bar.update()
+            t.record("same_work", f"Quantus {version} {kind}", seconds=seconds, images=slow,
+                     rows=slow * p * (images.shape[1] if kind == "PixelFlipping" else 1),
+                     max_abs_diff=float((curve - t.ours[sub, 1:]).abs().max()), note=what)
 
-    # 2. every curve, under each operator (drop shortens the sequence)
+
+def _operator_costs(t: Timing, bound_per_row: float) -> None:
+    """Every curve under each of the run's operators, and the memory used meanwhile."""
+    job, device = t.job, t.device
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    rows = 2 * len(job.ids) * t.interior  # insertion's passes serve LeRF too
     for name, op in job.operators.items():
-        reference = job.references[name]
-        t_all, _ = timed(lambda op=op, reference=reference: harness(op, reference, ("deletion", "insertion",
-                                                                                    "lerf")),
-                         device, cfg.repeats, warmup=True)
-        all_rows = 2 * n * interior
-        record("operators", name, seconds=t_all, rows=all_rows, images=n,
-               bound_seconds=all_rows * bound_per_row)
-    rss = peak_rss()
-    gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    steps_bar.update()
+        seconds, _ = timed(lambda op=op, name=name: t.harness(op, job.references[name],
+                                                              ("deletion", "insertion", "lerf")),
+                           device, t.cfg.repeats, warmup=True)
+        t.record("operators", name, seconds=seconds, rows=rows, images=len(job.ids),
+                 bound_seconds=rows * bound_per_row)
+    t.record("memory", "chunk", rows=job.chunk, bytes_per_row=row_bytes(job.run.adapter, job.images),
+             budget=parse_bytes(t.cfg.memory_budget) if t.cfg.memory_budget else None, peak_rss=peak_rss(),
+             peak_gpu=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
 
-    # 3. attribution, per method
-    for name in bench_cfg.methods:  # those the model can serve
-        ms = _attribution_ms(name, job, cfg.batch_size, device, amp)
-        record("attribution", name, ms_per_image=ms, images=n)
-    steps_bar.update()
-    steps_bar.close()
 
-    record("memory", "chunk", rows=chunk, bytes_per_row=per_row,
-           budget=parse_bytes(cfg.memory_budget) if cfg.memory_budget else None,
-           peak_rss=rss, peak_gpu=gpu_peak)
-    for batch, rate in rates.items():
-        record("forward_rate", str(batch), rows_per_second=rate)
-    df = pd.DataFrame(rows)
-    context = _context(cfg, adapter, meta, device, images, counts, chunk)
+def _write_speed(t: Timing) -> dict[str, Any]:
+    """``speed.md``, ``speed.csv`` and ``speed.json``, written together into ``cfg.out``."""
+    df = pd.DataFrame(t.rows)
+    job = t.job
+    context = _context(t.cfg, job.run.adapter, job.run.meta, t.device, job.images, t.counts, job.chunk)
     markdown = render_speed(df, context)
-    out = Path(cfg.out)
+    out = Path(t.cfg.out)
     write_run(out, {
         "speed.md": lambda f: f.write_text(markdown),
         "speed.csv": lambda f: df.to_csv(f, index=False),

@@ -64,6 +64,8 @@ def holm(pvalues: np.ndarray) -> np.ndarray:
     Returns:
         Adjusted p-values ``[m]``, in the input order, each at least its raw value.
     """
+    # hand-written: scipy has no Holm adjustment (only Benjamini-Hochberg), and statsmodels,
+    # which has one, is not worth a dependency for six lines tested against the definition
     p = np.asarray(pvalues, dtype=np.float64)
     m = len(p)
     order = np.argsort(p, kind="stable")
