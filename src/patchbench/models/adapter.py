@@ -338,8 +338,10 @@ class ViTAdapter(ImageAdapter):
     def _pre_blocks(self, x: Tensor) -> Tensor:
         return self.model.norm_pre(self.model.patch_drop(x))
 
-    def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
-        return block(x)
+    def _run_block(self, block: nn.Module, x: Tensor, attn_bias: Tensor | None = None) -> Tensor:
+        """One block; ``attn_bias`` (broadcast to ``[B, heads, N, N]``) is added to its
+        attention logits."""
+        return block(x) if attn_bias is None else block(x, attn_mask=attn_bias)
 
     def _head(self, x: Tensor) -> Tensor:
         """Final tokens ``[B, N, D]`` -> logits ``[B, C]``."""
@@ -371,6 +373,29 @@ class ViTAdapter(ImageAdapter):
                 out = logits.new_empty(keep.shape[0], logits.shape[-1])
             out[rows] = logits
         return out
+
+    def forward_soft_kept(self, images: Tensor, z: Tensor, min_weight: float = 1e-20) -> Tensor:
+        """Logits with each patch token's weight as an attention key scaled by ``z`` ``[B, P]``
+        in [0, 1]: ``log z`` is added to the attention logits of the patch keys in every block.
+
+        For binary ``z`` this equals :meth:`forward_kept` on a model whose head reads the
+        prefix tokens (a left-out token reaches them through no attention). ``z`` is clamped
+        at ``min_weight`` so that ``log z`` stays finite; the gradient in ``z`` stays bounded
+        anyway (a key's attention weight, the bias's gradient, is proportional to ``z``).
+
+        Raises:
+            ValueError: The head pools patch tokens (the relaxation would not be exact).
+        """
+        if self._pools_patches or self.num_prefix_tokens == 0:
+            raise ValueError("soft token dropping needs a head that reads a class token; this "
+                             f"model pools patch tokens (global_pool={self.model.global_pool!r})")
+        bias = z.clamp_min(min_weight).log()
+        prefix = bias.new_zeros(bias.shape[0], self.num_prefix_tokens)
+        bias = torch.cat([prefix, bias], 1)[:, None, None, :]  # [B, 1, 1, N]: every query, head
+        x = self._pre_blocks(self._add_positions(self.patch_embeddings(images)))
+        for blk in self.blocks:
+            x = self._run_block(blk, x, bias.to(x.dtype))
+        return self._head(x)
 
     # ---- attention ------------------------------------------------------------------------
     @contextmanager

@@ -119,7 +119,10 @@ class HFViTAdapter(ViTAdapter):
     def _pre_blocks(self, x: Tensor) -> Tensor:
         return self._vit.embeddings.dropout(x)
 
-    def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
+    def _run_block(self, block: nn.Module, x: Tensor, attn_bias: Tensor | None = None) -> Tensor:
+        if attn_bias is not None:
+            raise NotImplementedError("an attention bias (soft token dropping) needs a timm ViT; "
+                                      "Hugging Face ViT layers take no attention mask")
         out = block(x)
         return out[0] if isinstance(out, tuple) else out  # 4.x returns a tuple
 

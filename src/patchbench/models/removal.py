@@ -58,6 +58,23 @@ class RemovalOperator:
         """Logits ``[B, C]`` for ``images`` with the patches where ``keep`` ``[B, P]`` is False removed."""
         raise NotImplementedError
 
+    def soft(self, adapter: ImageAdapter, images: Tensor, z: Tensor, state: Tensor | None) -> Tensor:
+        """A continuous relaxation of the operator, for training an explainer against it.
+
+        Args:
+            adapter: The model.
+            images: Clean model inputs ``[B, 3, H, W]``.
+            z: How much of each patch is kept, ``[B, P]`` in [0, 1], differentiable.
+            state: From :meth:`prepare`.
+
+        Returns:
+            Logits ``[B, C]``, equal to ``self(adapter, images, z.bool(), state)`` for binary ``z``.
+
+        Raises:
+            NotImplementedError: The operator has no relaxation.
+        """
+        raise NotImplementedError(f"the {self.name!r} operator has no continuous relaxation")
+
     def config(self) -> dict[str, Any]:
         return {"name": self.name}
 
@@ -75,6 +92,11 @@ class PixelOperator(RemovalOperator):
         self, adapter: ImageAdapter, images: Tensor, keep: Tensor, state: Tensor | None
     ) -> Tensor:
         return adapter.logits(composite(adapter, images, keep, state))
+
+    def soft(self, adapter: ImageAdapter, images: Tensor, z: Tensor, state: Tensor | None) -> Tensor:
+        """Each patch a blend of the clean image and the baseline: ``z·x + (1 − z)·b`` in pixels."""
+        w = adapter.patch_to_pixel(z).to(images.dtype)
+        return adapter.logits(w * images + (1 - w) * state)
 
 
 def composite(adapter: ImageAdapter, images: Tensor, keep: Tensor, baseline: Tensor) -> Tensor:
@@ -209,6 +231,11 @@ class DropOperator(RemovalOperator):
         self, adapter: ViTAdapter, images: Tensor, keep: Tensor, state: Tensor | None
     ) -> Tensor:
         return adapter.forward_kept(images, keep)
+
+    def soft(self, adapter: ViTAdapter, images: Tensor, z: Tensor, state: Tensor | None) -> Tensor:
+        """Every patch token stays, and ``log z`` is added to its attention logits as a key in
+        every block: a token with ``z = 0`` is attended by none, as if left out."""
+        return adapter.forward_soft_kept(images, z)
 
 
 def hash_seed(*values: int) -> int:
