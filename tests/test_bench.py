@@ -155,9 +155,22 @@ def test_diffmask_in_a_run_with_placeholder_operator(tmp_path, glyphs_model):
                       n_images=8, steps=4, diffmask_config={"steps": 10, "batch_size": 8})
     out = run_benchmark(cfg, progress=False)
     scores = out["scores"]
-    assert set(scores.method) == {"random", "diffmask"}
+    # one explainer per operator, each trained against that operator's removal: their
+    # localisation rows are told apart, their faithfulness rows are each under their own operator
+    assert set(scores[scores.operator != "-"].method) == {"random", "diffmask"}
+    assert set(scores[scores.operator == "-"].method) == {"random", "diffmask[mean]", "diffmask[placeholder]"}
     assert set(scores.operator) == {"mean", "placeholder", "-"}
-    log = pd.read_csv(tmp_path / "dm" / "diffmask_train_glyphs.csv")
-    assert len(log) == 10 and {"kl", "kept", "lambda_0", "lambda_5"} <= set(log.columns)
+    for removal in ("mean", "placeholder"):
+        log = pd.read_csv(tmp_path / "dm" / f"diffmask_train_glyphs_{removal}.csv")
+        assert len(log) == 10 and {"kl", "kept", "kept_truth", "kept_other", "saturated", "lambda_0",
+                                   "lambda_5"} <= set(log.columns)
     run = json.loads((tmp_path / "dm" / "run.json").read_text())
-    assert run["models"]["glyphs"]["diffmask"]["config"]["steps"] == 10
+    explainers = run["models"]["glyphs"]["diffmask"]
+    assert explainers["mean"]["removal"]["name"] == "mean"
+    assert explainers["placeholder"]["removal"] == {"name": "placeholder (learned)"}
+    assert explainers["mean"]["checkpoint"] != explainers["placeholder"]["checkpoint"]
+    assert explainers["mean"]["config"]["steps"] == 10 and explainers["mean"]["train_seconds"] > 0
+    transfer = pd.read_csv(tmp_path / "dm" / "transfer.csv")  # each scored under the other operator
+    pairs = set(zip(transfer.trained_for, transfer.operator))
+    assert pairs == {("mean", "placeholder"), ("placeholder", "mean")}
+    assert "Trained for X, scored under Y" in (tmp_path / "dm" / "leaderboard.md").read_text()

@@ -280,7 +280,7 @@ def test_shortened_paper_cifar10_config_runs_end_to_end(tmp_path, monkeypatch, o
     assert run["config"]["operator_options"] == {"noise": {"space": "normalised", "low": -1.0,
                                                            "high": 1.0}}
     assert run["config"]["diffmask_config"]["steps"] == 3
-    assert str(tmp_path / "cache") in run["models"]["cifar10"]["diffmask"]["checkpoint"]
+    assert str(tmp_path / "cache") in run["models"]["cifar10"]["diffmask"]["noise"]["checkpoint"]
     curves = pd.read_csv(run_dir / "curves.csv.gz")
     assert set(curves.operator) == {"noise"}
     points = curves.groupby(["method", "curve", "quantity", "sample_id"]).size()

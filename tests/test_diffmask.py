@@ -84,7 +84,7 @@ def test_gradients_reach_gates_and_placeholder_never_the_model():
         loss, kl, l0, kept = lagrangian(adapter, explainer, lambdas, torch.randn(4, 3, 16, 16), k=2,
                                   eps=0.1, generator=torch.Generator().manual_seed(0))
         loss.backward()
-    assert kept.shape == (4,) and (kept > 0.9).all()  # gates start open (add = 8)
+    assert kept.shape == (4, 16) and (kept.mean(1) > 0.9).all()  # per patch; gates start open (add = 8)
     grads = {n: p.grad for n, p in explainer.named_parameters()}
     assert grads["placeholder"] is not None and grads["placeholder"].abs().sum() > 0
     for i in range(3):  # gates 0..k take part
@@ -155,8 +155,8 @@ def test_training_is_deterministic(trained):
 def test_training_log_has_kl_l0_and_every_multiplier(trained):
     adapter, _, cfg, log, _ = trained
     assert len(log) == cfg.steps
-    assert set(log[0]) == {"step", "layer", "kl", "log_l0", "kept",
-                           *(f"lambda_{i}" for i in range(adapter.depth + 2))}
+    assert set(log[0]) == {"step", "layer", "kl", "log_l0", "kept", "saturated", "gate_add_mean",
+                           "gate_add_max", *(f"lambda_{i}" for i in range(adapter.depth + 2))}
 
 
 def test_placeholder_operator_uses_the_learned_vector(trained):

@@ -66,4 +66,4 @@ def test_image_folder_needs_a_train_folder_for_diffmask(vit, tmp_path, monkeypat
     out = run_benchmark(BenchConfig(run="ok", train_data_root=str(tmp_path / "train"), **common),
                         progress=False)
     assert set(out["scores"].method) == {"random", "diffmask"}
-    assert out["run"]["models"]["imagefolder"]["diffmask"]["dataset"] == "imagefolder"
+    assert out["run"]["models"]["imagefolder"]["diffmask"]["mean"]["dataset"] == "imagefolder"

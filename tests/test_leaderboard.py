@@ -108,3 +108,25 @@ def test_localisation_scores_get_their_own_table_and_rows():
     assert wide[wide.operator == "-"].auroc.notna().all()
     assert wide[wide.operator == "mean"].srg.notna().all()
     assert {"srg_ci_low", "srg_ci_high", "srg_verdict", "auroc_verdict"} <= set(wide.columns)
+
+
+def test_an_amortised_method_shows_its_setup_and_break_even():
+    scores = _scores({"a": 0.3, "b": 0.2, "c": 0.1}, operators=("mean", "drop"))
+    timing = pd.DataFrame([  # a: trained per operator (setup), b and c: per image
+        {"dataset": "d", "method": "a", "operator": "mean", "ms_per_image": 2.0, "setup_seconds": 90.0,
+         "images": 30},
+        {"dataset": "d", "method": "a", "operator": "drop", "ms_per_image": 3.0, "setup_seconds": 60.0,
+         "images": 30},
+        {"dataset": "d", "method": "b", "operator": "", "ms_per_image": 50.0, "setup_seconds": np.nan,
+         "images": 30},
+        {"dataset": "d", "method": "c", "operator": "", "ms_per_image": 1.0, "setup_seconds": np.nan,
+         "images": 30}])
+    tables = {t.title.split("`")[1]: t for t in leaderboard_tables(summarise(scores), timing)}
+    mean = tables["mean"]
+    assert mean.header[-3:] == ["ms/img", "setup s", "amortised ms/img"]
+    row = {r[0].value: r for r in mean.rows}
+    assert [c.value for c in row["a"][-3:]] == [2.0, 90.0, 2.0 + 1000 * 90 / 30]
+    assert [c.value for c in row["b"][-3:]] == [50.0, None, 50.0]
+    # 90 s of setup saves 48 ms per image against b: paid back after ceil(90000 / 48) images
+    assert "b after 1,875 images" in mean.notes[-1] and " c after" not in mean.notes[-1]
+    assert [c.value for c in {r[0].value: r for r in tables["drop"].rows}["a"][-3:]] == [3.0, 60.0, 2003.0]

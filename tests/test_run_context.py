@@ -155,4 +155,5 @@ def test_placeholder_and_diffmask_share_one_explainer(tmp_path, glyphs_model, on
     out = run_benchmark(cfg, progress=False)
     meta = out["run"]["models"]["glyphs"]
     assert out["failures"] == []
-    assert meta["operators"]["placeholder"]["checkpoint"] == checkpoint == meta["diffmask"]["checkpoint"]
+    assert meta["operators"]["placeholder"]["checkpoint"] == checkpoint
+    assert meta["diffmask"]["placeholder"]["checkpoint"] == checkpoint

@@ -9,6 +9,7 @@ component it creates and never tests a component's name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ class RunContext:
         sample_ids: Every evaluated sample's id, in sample order (all processes').
         ids: This process's share of ``sample_ids``.
         images: This process's model inputs ``[n, 3, H, W]``, in the order of ``ids``.
+        operator: For a method trained for the removal it is scored under
+            (``Method.trained_for_operator``): the operator whose table it is made for.
+        operator_name: That operator's name in the run.
     """
 
     cfg: Any
@@ -51,7 +55,14 @@ class RunContext:
     sample_ids: list[int] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     images: Any = None
+    operator: Any = None
+    operator_name: str | None = None
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def for_operator(self, name: str, operator: Any) -> RunContext:
+        """This context for a component made for operator ``name``'s table (the same meta,
+        files and memo)."""
+        return dataclasses.replace(self, operator=operator, operator_name=name)
 
     @property
     def seed(self) -> int:

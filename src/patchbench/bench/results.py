@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import io
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -177,7 +178,7 @@ def sanity_table(sanity: pd.DataFrame) -> list[Table]:
             rho = dict(zip(m.stage, m.spearman))
             verdict = str(m.verdict.iloc[0])
             rows.append([method, *(Cell(rho.get(st), ".2f") for st in stages),
-                         Cell(verdict, mark="pass" if verdict == "pass" else "fail")])
+                         Cell(verdict, mark=_sanity_mark(verdict))])
         note = ("Cascading model-parameter randomisation (Adebayo et al., 2018): from the head "
                 "down, each column re-initialises one more part of the model; cells are the mean "
                 "Spearman correlation between a method's maps on the trained and on the "
@@ -187,6 +188,12 @@ def sanity_table(sanity: pd.DataFrame) -> list[Table]:
         tables.append(Table(f"Sanity check: model randomisation · {dataset} · {model}",
                             ["method", *(f"ρ +{st}" for st in stages), "verdict"], rows, [note]))
     return tables
+
+
+def _sanity_mark(verdict: str) -> str:
+    if verdict.startswith("not applicable"):
+        return ""
+    return "pass" if verdict == "pass" else "fail"
 
 
 def verdict_lines(summary: pd.DataFrame, check: pd.DataFrame, sanity: pd.DataFrame) -> list[str]:
@@ -213,9 +220,11 @@ def verdict_lines(summary: pd.DataFrame, check: pd.DataFrame, sanity: pd.DataFra
     if len(sanity):
         verdicts = sanity.drop_duplicates(["dataset", "method"])
         for dataset, g in verdicts.groupby("dataset", sort=False):
-            failed = g[g.verdict != "pass"].method.tolist()
+            na = g[g.verdict.str.startswith("not applicable")].method.tolist()
+            failed = g[(g.verdict != "pass") & ~g.method.isin(na)].method.tolist()
             lines.append(f"{dataset} model randomisation: "
-                         + (f"fail: {', '.join(failed)}." if failed else "every method passes."))
+                         + (f"fail: {', '.join(failed)}." if failed else "every checked method passes.")
+                         + (f" Not applicable: {', '.join(na)}." if na else ""))
     return lines
 
 
@@ -287,23 +296,65 @@ def leaderboard_tables(summary: pd.DataFrame, timing: pd.DataFrame | None = None
         metrics = [m for m in wanted if m in set(group.metric)]
         header = ["method", *(_header(m) + (" ⚠" if (dataset, op, m) in flags else "")
                               for m in metrics), "n"]
-        if timing is not None and faithful:
-            header.append("ms/img")
+        costs = _costs(timing, dataset, op) if timing is not None and faithful else None
+        amortised = bool(costs) and any(setup is not None for _, setup, _ in costs.values())
+        if costs is not None:
+            header += ["ms/img", "setup s", "amortised ms/img"] if amortised else ["ms/img"]
         cells = group.set_index(["method", "metric"])
         rows = []
         for method in _ordered(group, metrics[0]):
             row = [method, *(_cell(cells.loc[(method, m)]) if (method, m) in cells.index else Cell(None)
                              for m in metrics), int(cells.loc[(method, metrics[0]), "n"])]
-            if timing is not None and faithful:
-                t = timing[(timing.dataset == dataset) & (timing.method == method)]
-                row.append(Cell(float(t.ms_per_image.iloc[0]) if len(t) else None, ".1f"))
+            if costs is not None:
+                row += _cost_cells(costs.get(method), amortised)
             rows.append(row)
         for f in failures[failures.dataset == dataset].itertuples():
             rows.append([f.method, Cell(f"failed: {f.error}", mark="fail"), *[""] * (len(header) - 2)])
         title = (f"{dataset} · {model} · operator `{op}`" if faithful
                  else f"{dataset} · {model} · ground-truth localisation")
-        tables.append(Table(title, header, rows, [CELL_NOTE]))
+        notes = [CELL_NOTE, *([_break_even_note(costs)] if amortised else [])]
+        tables.append(Table(title, header, rows, notes))
     return tables
+
+
+def _costs(timing: pd.DataFrame, dataset: str, op: str) -> dict[str, tuple[float, float | None, int]]:
+    """Method -> (ms per image of its pass, setup seconds or None, images) in operator ``op``'s
+    table: a method trained for each operator has the cost of the instance trained for ``op``."""
+    out: dict[str, tuple[float, float | None, int]] = {}
+    for r in timing[timing.dataset == dataset].itertuples():
+        own = getattr(r, "operator", "") or ""
+        if own in ("", op):
+            setup = getattr(r, "setup_seconds", None)
+            images = int(getattr(r, "images", 0) or 0)
+            out[r.method] = (float(r.ms_per_image), None if setup is None or pd.isna(setup) else float(setup),
+                             images)
+    return out
+
+
+def _cost_cells(cost: tuple[float, float | None, int] | None, amortised: bool) -> list[Cell]:
+    if cost is None:
+        return [Cell(None, ".1f")] * (3 if amortised else 1)
+    ms, setup, images = cost
+    if not amortised:
+        return [Cell(ms, ".1f")]
+    total = ms + 1000 * setup / images if setup is not None and images else ms
+    return [Cell(ms, ".1f"), Cell(setup, ".0f"), Cell(total, ".1f")]
+
+
+def _break_even_note(costs: dict[str, tuple[float, float | None, int]]) -> str:
+    """When an amortised method's setup is paid back against each slower per-image method."""
+    parts = []
+    for method, (ms, setup, images) in costs.items():
+        if setup is None:
+            continue
+        slower = {m: c[0] for m, c in costs.items() if c[1] is None and c[0] > ms}
+        pairs = [f"{m} after {math.ceil(1000 * setup / (other - ms)):,} images"
+                 for m, other in sorted(slower.items(), key=lambda kv: -kv[1])]
+        parts.append(f"`{method}`: setup {setup:.0f} s (training, once per model and operator; a "
+                     f"cached explainer shows what it cost when trained), so {1000 * setup / images:.0f} "
+                     f"ms per image over these {images} images; it breaks even with "
+                     + (", ".join(pairs) if pairs else "no per-image method (all are faster)") + ".")
+    return "Cost: ms/img is the attribution pass alone. " + " ".join(parts)
 
 
 def normalised_tables(summary: pd.DataFrame) -> list[Table]:
@@ -335,6 +386,40 @@ def agreement_table(agreement: pd.DataFrame) -> Table:
             "ranking depends on how patches are removed.")
     return Table("Rank stability across removal operators (Kendall's tau)",
                  ["dataset", "model", "metric", *(f"τ {p}" for p in pairs)], rows, [note])
+
+
+def transfer_table(scores: pd.DataFrame, transfer: pd.DataFrame, metric: str = MAIN_SCORE) -> list[Table]:
+    """Methods trained for the removal they are scored under (DiffMask), per dataset: each
+    instance (a row, "trained for X") scored under every operator (a column), mean [95% CI].
+
+    Args:
+        scores: The run's per-image rows (the diagonal: each instance under its own operator).
+        transfer: Per-image rows of the other pairs, with a ``trained_for`` column.
+        metric: The score shown.
+    """
+    tables = []
+    for (dataset, model, method), off in transfer.groupby(["dataset", "model", "method"], sort=False):
+        own = scores[(scores.dataset == dataset) & (scores.method == method) & (scores.operator != "-")]
+        both = pd.concat([own.assign(trained_for=own.operator), off])
+        both = both[both.metric == metric]
+        operators = list(dict.fromkeys(own.operator))
+        cells = {k: g.value.to_numpy() for k, g in both.groupby(["trained_for", "operator"])}
+        rows = []
+        for trained in operators:
+            row = [f"{method} trained for {trained}"]
+            for op in operators:
+                v = cells.get((trained, op))
+                low, high = bootstrap_ci(v) if v is not None else (None, None)
+                row.append(Cell(float(v.mean()) if v is not None else None, ".3f", low, high))
+            rows.append(row)
+        note = ("Each row is one explainer, trained against the continuous relaxation of one "
+                "removal operator (the same objective: the smallest mask that keeps the output, "
+                "KL <= eps). The diagonal is what the leaderboards show; the other cells score "
+                "the same explainer under another operator, to read how it transfers. They are "
+                "not leaderboard entries.")
+        tables.append(Table(f"Trained for X, scored under Y · {dataset} · {model} · {score(metric).label}",
+                            ["explainer", *(f"under `{op}`" for op in operators)], rows, [note]))
+    return tables
 
 
 def stages_table(stages: list[dict[str, Any]]) -> Table:

@@ -39,6 +39,7 @@ from patchbench.bench.results import (
     sanity_table,
     stages_table,
     summarise,
+    transfer_table,
     wide_leaderboard,
     write_run,
 )
@@ -140,6 +141,7 @@ class Part:
     sanity: list[dict[str, Any]] = field(default_factory=list)  # model-randomisation rows
     galleries: list[dict[str, Any]] = field(default_factory=list)
     stages: list[dict[str, Any]] = field(default_factory=list)  # seconds per stage
+    transfer: list[dict[str, Any]] = field(default_factory=list)  # trained for X, scored under Y
     chunks: list[int] = field(default_factory=lambda: [0, 0])  # reused, computed
 
     def warn(self, msg: str) -> None:
@@ -172,7 +174,7 @@ class Job:
     ids: list[int]
     all_ids: list[int]
     chunk: int
-    method_options: dict[str, dict[str, Any]]
+    method_options: dict[str, dict[str, Any]]  # per operator for trained_for_operator methods
     operators: dict[str, Any]
     references: dict[str, Any]
     data_key: dict[str, Any]
@@ -186,6 +188,18 @@ class Job:
     @property
     def base(self) -> dict[str, str]:
         return {"model": self.run.meta["key"], "dataset": self.run.dataset}
+
+    def variants(self, name: str) -> list[str | None]:
+        """The operators a method gets an instance of its own for (those it is trained
+        for), or ``[None]``: one instance scored under every operator."""
+        if name in self.instances or not getattr(METHODS.get(name), "trained_for_operator", False):
+            return [None]
+        return list(self.operators)
+
+    def options(self, name: str, operator: str | None = None) -> dict[str, Any]:
+        """The options to create method ``name`` with (for ``operator``'s table)."""
+        options = self.method_options.get(name, {})
+        return options[operator] if operator is not None else options
 
 
 def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: list[str],
@@ -269,10 +283,10 @@ def prepare(cfg: BenchConfig, dataset: str, device: torch.device, *, world: Worl
     run = RunContext(cfg, dataset, adapter, meta, files, progress, world.local_rank0_first,
                      timing_only=timing_only, sample_ids=all_ids, ids=ids, images=images)
     with part.stage(dataset, "components (explainer training, dataset statistics)"):
-        method_options = {m: options_from_run(METHODS.get(m), run, cfg.method_options.get(m, {}))
-                          for m in cfg.methods if m not in given.methods}
         operators = {name: given.operators.get(name) or _create_operator(name, run)
                      for name in cfg.operators}
+        method_options = {m: _method_options(m, run, operators)
+                          for m in cfg.methods if m not in given.methods}
     meta["operators"] = {name: op.config() for name, op in operators.items()}
     with part.stage(dataset, "references (clean and all-removed passes)"), autocast(device, cfg.autocast):
         references = {name: prepare_reference(adapter, op, images, torch.tensor(ids), chunk, logp_clean)
@@ -288,6 +302,14 @@ def prepare(cfg: BenchConfig, dataset: str, device: torch.device, *, world: Worl
                references, data_key, gallery, instances)
 
 
+def _method_options(name: str, run: RunContext, operators: dict[str, Any]) -> dict[str, Any]:
+    """A method's options from its hook; per operator for a method trained for each."""
+    cls, user = METHODS.get(name), run.cfg.method_options.get(name, {})
+    if getattr(cls, "trained_for_operator", False):
+        return {op: options_from_run(cls, run.for_operator(op, obj), user) for op, obj in operators.items()}
+    return options_from_run(cls, run, user)
+
+
 def _execute(job: Job, name: str, store: ChunkStore, part: Part) -> bool:
     """One method on one dataset, isolated: its rows go into ``part``, or its failure does.
 
@@ -295,7 +317,7 @@ def _execute(job: Job, name: str, store: ChunkStore, part: Part) -> bool:
         Whether it was scored.
     """
     try:
-        rows, frames, ms, maps = _score_method(job, name, store, part)
+        rows, frames, timing, maps = _score_method(job, name, store, part)
     except (MissingChunkError, KeyboardInterrupt, WeightsLostError):
         raise
     except OSError as e:
@@ -308,8 +330,7 @@ def _execute(job: Job, name: str, store: ChunkStore, part: Part) -> bool:
     part.curves += frames
     if job.gallery:
         job.gallery["maps"][name] = maps[:len(job.gallery["ids"])].cpu()
-    part.timing.append({"dataset": job.run.dataset, "method": name, "ms_per_image": ms,
-                        "images": len(job.ids)})
+    part.timing += timing
     return True
 
 
@@ -328,11 +349,13 @@ def _check(job: Job, scored: list[str], world: World, store: ChunkStore, part: P
     """The checks of one dataset: model randomisation (on rank 0's first images) and the
     ground-truth mask against the random control (where the dataset has ground truth)."""
     dataset, n_sanity = job.run.dataset, min(job.cfg.sanity_images, len(job.ids))
-    checkable = [m for m in scored if getattr(METHODS.get(m), "sanity_checkable", True)]
-    if world.rank == 0 and n_sanity >= 2 and checkable:
+    skipped = {m: METHODS.get(m).sanity_note for m in scored
+               if m not in job.instances and not getattr(METHODS.get(m), "sanity_checkable", True)}
+    checkable = [m for m in scored if m not in skipped]
+    if world.rank == 0 and n_sanity >= 2 and scored:
         try:
             with part.stage(dataset, "sanity check"):
-                part.sanity += _sanity_rows(job, store, part, checkable, n_sanity)
+                part.sanity += _sanity_rows(job, store, part, checkable, n_sanity, skipped)
         except ModelChangedError as e:
             part.warn(f"patchbench: sanity check on {dataset} skipped: {e}")
     if job.truth.any() and chance_control(job.cfg.methods, job.instances) in scored:
@@ -359,6 +382,9 @@ def _collect(parts: list[dict[str, Any]], cfg: BenchConfig, sample_ids: dict[str
         extra.append(ground_truth_table(check_df))
     if len(sanity_df):
         extra += sanity_table(sanity_df)
+    transfer_df = pd.DataFrame([r for p in parts for r in p["transfer"]])
+    if len(transfer_df) and len(scores_df):
+        extra += transfer_table(scores_df, transfer_df)
     flagged = check_df[check_df.verdict == "flag"]
     stages = _stages(parts)
     return {"markdown": render_markdown(summary, timing_df, failures_df, extra, flagged),
@@ -366,7 +392,7 @@ def _collect(parts: list[dict[str, Any]], cfg: BenchConfig, sample_ids: dict[str
             "leaderboard": wide_leaderboard(summary) if len(summary) else pd.DataFrame(),
             "failures": failures_df.to_dict("records"), "failures_df": failures_df,
             "metric_check": check_df, "flagged": flagged, "sanity": sanity_df,
-            "rank_stability": agreement_df, "extra": extra, "stages": stages,
+            "rank_stability": agreement_df, "extra": extra, "stages": stages, "transfer": transfer_df,
             "galleries": _merge_galleries(parts, cfg)}
 
 
@@ -424,6 +450,7 @@ def _write(cfg: BenchConfig, out: dict[str, Any], run: dict[str, Any], files: di
                 "metric_check.csv": (len(out["metric_check"]), csv(out["metric_check"])),
                 "sanity.csv": (len(out["sanity"]), csv(out["sanity"])),
                 "rank_stability.csv": (len(out["rank_stability"]), csv(out["rank_stability"])),
+                "transfer.csv": (len(out["transfer"]), csv(out["transfer"])),
                 "failures.csv": (out["failures"], lambda p: out["failures_df"].to_csv(p, index=False))}
     run_dir = Path(cfg.results_dir) / cfg.run
     write_run(run_dir, {
@@ -441,15 +468,43 @@ def _write(cfg: BenchConfig, out: dict[str, Any], run: dict[str, Any], files: di
 
 
 def _score_method(job: Job, name: str, store: ChunkStore, part: Part
-                  ) -> tuple[list[dict[str, Any]], list[pd.DataFrame], float, Tensor]:
+                  ) -> tuple[list[dict[str, Any]], list[pd.DataFrame], list[dict[str, Any]], Tensor]:
     """One method on one dataset: maps, then curves under every operator, each a stored chunk.
 
+    A method trained for each operator has one instance per operator: its rows under an
+    operator are those of the instance trained for it; its other pairs go to ``part.transfer``
+    and its localisation rows are named ``method[operator]`` (one per instance).
+
     Returns:
-        Score rows, curve frames, attribution ms per image and the maps ``[B, Hp, Wp]``.
+        Score rows, curve frames, timing rows (per instance: attribution ms per image and the
+        seconds its setup took, e.g. training) and the maps ``[B, Hp, Wp]`` (of the first instance).
     """
+    rows, frames, timing, shown = [], [], [], None
+    variants = job.variants(name)
+    for trained_for in variants:
+        maps, maps_key, secs, setup = _maps(job, name, trained_for, store, part)
+        timing.append({"dataset": job.run.dataset, "method": name, "operator": trained_for or "",
+                       "ms_per_image": 1000 * secs / len(job.ids), "images": len(job.ids),
+                       "setup_seconds": setup})
+        shown = maps if shown is None else shown
+        if job.truth.any():  # localisation scores only where the dataset has ground truth
+            label = name if len(variants) == 1 else f"{name}[{trained_for}]"
+            rows += _rows(job.base, label, "-", localisation_scores(maps.cpu(), job.truth), job.ids)
+        for op_name in job.operators:
+            more, frame = _curve_rows(job, store, part, maps_key, maps, name, op_name)
+            if trained_for in (None, op_name):
+                rows, frames = rows + more, frames + frame
+            else:  # trained for another operator: a transfer pair, not a leaderboard row
+                part.transfer += [{**r, "trained_for": trained_for} for r in more]
+    return rows, frames, timing, shown
+
+
+def _maps(job: Job, name: str, trained_for: str | None, store: ChunkStore, part: Part
+          ) -> tuple[Tensor, dict[str, Any], float, float | None]:
+    """The method's maps of the job's images (a stored chunk), their key, their seconds and
+    the method's setup seconds (None without a setup)."""
     cfg, images, target, dataset = job.cfg, job.images, job.target, job.run.dataset
-    method = job.instances.get(name) or create_method(name, job.run.adapter,
-                                                      **job.method_options.get(name, {}))
+    method = job.instances.get(name) or create_method(name, job.run.adapter, **job.options(name, trained_for))
     job.guard.check(f"method {name!r}")
     maps_key = {"kind": "maps", **job.data_key, "method": method.config(),
                 "method_code": file_digest(inspect.getsourcefile(type(method)))}
@@ -465,45 +520,38 @@ def _score_method(job: Job, name: str, store: ChunkStore, part: Part
         job.guard.check(f"method {name!r}")  # raising here stores nothing
         return {"maps": maps, "seconds": torch.tensor(time.perf_counter() - t0, dtype=torch.float64)}
 
-    with part.stage(dataset, f"attribution: {name}"):
+    with part.stage(dataset, f"attribution: {name}" + (f" (for {trained_for})" if trained_for else "")):
         got = store.get(maps_key, attribute)
-    maps = got["maps"].to(images.device)
-    rows = []
-    if job.truth.any():  # localisation scores only where the dataset has ground truth
-        rows += _rows(job.base, name, "-", localisation_scores(maps.cpu(), job.truth), job.ids)
-    more, frames = _curve_rows(job, store, part, maps_key, maps, name)
-    return rows + more, frames, 1000 * float(got["seconds"]) / len(job.ids), maps
+    return got["maps"].to(images.device), maps_key, float(got["seconds"]), method.setup_seconds()
 
 
 def _curve_rows(job: Job, store: ChunkStore, part: Part, maps_key: dict[str, Any], maps: Tensor,
-                name: str) -> tuple[list[dict[str, Any]], list[pd.DataFrame]]:
-    """Faithfulness scores and curves of ``maps`` under every operator (stored chunks)."""
-    cfg, images = job.cfg, job.images
-    rows, frames = [], []
-    for op_name, op in job.operators.items():
-        curves_key = {**maps_key, "kind": "curves", "operator": op.config(), "steps": cfg.steps,
-                      "harness_code": source_digest(*HARNESS_SOURCES),
-                      "operator_code": file_digest(inspect.getsourcefile(type(op)))}
+                name: str, op_name: str) -> tuple[list[dict[str, Any]], list[pd.DataFrame]]:
+    """Faithfulness scores and curves of ``maps`` under operator ``op_name`` (a stored chunk)."""
+    cfg, images, op = job.cfg, job.images, job.operators[op_name]
+    curves_key = {**maps_key, "kind": "curves", "operator": op.config(), "steps": cfg.steps,
+                  "harness_code": source_digest(*HARNESS_SOURCES),
+                  "operator_code": file_digest(inspect.getsourcefile(type(op)))}
 
-        def score(op: Any = op, op_name: str = op_name) -> dict[str, Tensor]:
-            with autocast(images.device, cfg.autocast):
-                c = faithfulness_curves(job.run.adapter, op, images, job.target, maps,
-                                        job.references[op_name], cfg.steps, job.chunk,
-                                        progress=job.run.progress)
-            return {"x": c.x, **{f"prob_{k}": v for k, v in c.prob.items()},
-                    **{f"kl_{k}": v for k, v in c.kl.items()}}
+    def score() -> dict[str, Tensor]:
+        with autocast(images.device, cfg.autocast):
+            c = faithfulness_curves(job.run.adapter, op, images, job.target, maps,
+                                    job.references[op_name], cfg.steps, job.chunk,
+                                    progress=job.run.progress)
+        return {"x": c.x, **{f"prob_{k}": v for k, v in c.prob.items()},
+                **{f"kl_{k}": v for k, v in c.kl.items()}}
 
-        with part.stage(job.run.dataset, f"curves: {op_name}"):
-            p = store.get(curves_key, score)
-        c = Curves(p["x"], {k: p[f"prob_{k}"] for k in CURVES}, {k: p[f"kl_{k}"] for k in CURVES})
-        rows += _rows(job.base, name, op_name, c.scores(), job.ids)
-        frames.append(_curve_frame(job.base, name, op_name, c, job.ids))
-    return rows, frames
+    with part.stage(job.run.dataset, f"curves: {op_name}"):
+        p = store.get(curves_key, score)
+    c = Curves(p["x"], {k: p[f"prob_{k}"] for k in CURVES}, {k: p[f"kl_{k}"] for k in CURVES})
+    frame = _curve_frame(job.base, name, op_name, c, job.ids)
+    return _rows(job.base, name, op_name, c.scores(), job.ids), [frame]
 
 
-def _sanity_rows(job: Job, store: ChunkStore, part: Part, names: list[str], n: int
-                 ) -> list[dict[str, Any]]:
-    """Cascading model randomisation on the first ``n`` images: one stored chunk per dataset.
+def _sanity_rows(job: Job, store: ChunkStore, part: Part, names: list[str], n: int,
+                 skipped: dict[str, str]) -> list[dict[str, Any]]:
+    """Cascading model randomisation on the first ``n`` images: one stored chunk per dataset;
+    the ``skipped`` methods (method -> why) get rows saying "not applicable".
 
     Each stage re-initialises one more part of the model, from the head down; every method's
     maps on that copy are compared with its maps on the trained model (Spearman per image).
@@ -530,8 +578,12 @@ def _sanity_rows(job: Job, store: ChunkStore, part: Part, names: list[str], n: i
             part.warn(f"patchbench: sanity check of {name!r} on {dataset} failed: {why}")
         return {"spearman": rho}
 
-    rho = store.get(key, compute)["spearman"]
-    return sanity_rows(rho, names, stages, {**job.base, "images": n}, cfg.seed)
+    base = {**job.base, "images": n}
+    none = torch.full((len(skipped), len(stages), n), float("nan"))
+    rows = sanity_rows(none, list(skipped), stages, base, cfg.seed, not_applicable=skipped)
+    if not names:
+        return rows
+    return sanity_rows(store.get(key, compute)["spearman"], names, stages, base, cfg.seed) + rows
 
 
 def _factory(method: Method) -> Callable[[Any], Method]:
@@ -551,8 +603,7 @@ def _ground_truth_rows(job: Job, store: ChunkStore, part: Part) -> list[dict[str
     """
     maps = job.truth.to(job.images.device).float()
     key = {"kind": "maps", **job.data_key, "method": {"name": GROUND_TRUTH}}
-    rows, _ = _curve_rows(job, store, part, key, maps, GROUND_TRUTH)
-    return rows
+    return [r for op in job.operators for r in _curve_rows(job, store, part, key, maps, GROUND_TRUTH, op)[0]]
 
 
 def _merge_galleries(parts: list[dict[str, Any]], cfg: BenchConfig) -> list[Gallery]:
@@ -597,12 +648,14 @@ def _merge(parts: list[dict[str, Any]], cfg: BenchConfig, sample_ids: dict[str, 
     frames = [f for p in parts for f in p["curves"]]
     curves_df = (_canonical(ok(pd.concat(frames, ignore_index=True)), cfg, sample_ids,
                             ["curve", "quantity"], "step") if frames else pd.DataFrame())
+    keys = ["dataset", "method", "operator"]
     timing = ok(pd.DataFrame([t for p in parts for t in p["timing"]],
-                             columns=["dataset", "method", "ms_per_image", "images"]))
+                             columns=[*keys, "ms_per_image", "images", "setup_seconds"]))
     timing["ms"] = timing["ms_per_image"] * timing["images"]
-    timing_df = timing.groupby(["dataset", "method"], sort=False, as_index=False)[["ms", "images"]].sum()
+    timing_df = timing.groupby(keys, sort=False, as_index=False).agg(
+        ms=("ms", "sum"), images=("images", "sum"), setup_seconds=("setup_seconds", "max"))
     timing_df["ms_per_image"] = timing_df["ms"] / timing_df["images"]
-    return scores_df, curves_df, timing_df[["dataset", "method", "ms_per_image"]], failures_df
+    return scores_df, curves_df, timing_df[[*keys, "ms_per_image", "setup_seconds", "images"]], failures_df
 
 
 def _canonical(df: pd.DataFrame, cfg: BenchConfig, sample_ids: dict[str, list[int]],

@@ -220,7 +220,8 @@ def map_similarity(a: Tensor, b: Tensor) -> Tensor:
 
 def sanity_rows(rho: Tensor, methods: list[str], stages: list[str], base: dict[str, Any],
                 seed: int = 0, threshold: float = THRESHOLD,
-                errors: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+                errors: Mapping[str, str] | None = None,
+                not_applicable: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """Tidy rows of the check: one per method and stage, with the method's verdict.
 
     Args:
@@ -233,6 +234,8 @@ def sanity_rows(rho: Tensor, methods: list[str], stages: list[str], base: dict[s
         threshold: A method passes when its mean correlation at the last stage (the whole
             model random) is below this.
         errors: Method -> why it failed (its verdict becomes ``"error: <why>"``).
+        not_applicable: Method -> why the check does not apply to it (its verdict becomes
+            ``"not applicable: <why>"``; its correlations are NaN).
 
     Returns:
         Rows ``method, stage, stage_index, spearman, spearman_ci_low, spearman_ci_high, n,
@@ -245,7 +248,9 @@ def sanity_rows(rho: Tensor, methods: list[str], stages: list[str], base: dict[s
     rows = []
     for i, method in enumerate(methods):
         final = rho[i, -1]
-        if method in errors:
+        if method in (not_applicable or {}):
+            verdict = f"not applicable: {not_applicable[method]}"
+        elif method in errors:
             verdict = f"error: {errors[method]}"
         elif rho[i].isnan().any():
             verdict = "error"

@@ -168,7 +168,7 @@ def quantus_deletion(kind: str, adapter: Any, images: Tensor, target: Tensor, ma
 def _attribution_ms(name: str, job: Job, batch_size: int, device: torch.device, amp: str | None) -> float:
     """Milliseconds per image of one method's attribution (after a warm-up call)."""
     images, target = job.images, job.target
-    method = create_method(name, job.run.adapter, **job.method_options[name])
+    method = create_method(name, job.run.adapter, **job.options(name, job.variants(name)[0]))
 
     def run() -> None:
         with autocast(device, amp):

@@ -39,6 +39,10 @@ class Method:
             without it work on any image classifier.
         sanity_checkable: Its maps can be recomputed on a randomised model (the sanity
             check); False for maps read from a file.
+        trained_for_operator: It is trained against a removal operator (e.g. DiffMask): the
+            run makes one instance per operator, through ``options_from_run`` with
+            ``run.operator`` set, and scores each under its own operator (the others are
+            reported as a transfer table).
         chance_control: Its maps carry no information about the model (a chance level):
             normalised scores put it at 0, and the metric check compares the ground-truth
             mask with it. The run uses the first such method it scores.
@@ -52,6 +56,8 @@ class Method:
     needs_tokens = False
     sanity_checkable = True
     chance_control = False
+    trained_for_operator = False
+    sanity_note = ""  # why the sanity check does not apply, when sanity_checkable is False
 
     @classmethod
     def options_from_run(cls, run: RunContext, options: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +98,11 @@ class Method:
 
     def _attribute(self, images: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def setup_seconds(self) -> float | None:
+        """Seconds the method's one-off setup took (e.g. training an amortised explainer),
+        or None when it has none; the leaderboard shows it beside the per-image cost."""
+        return None
 
     def config(self) -> dict[str, Any]:
         """Name and constructor options (part of a result's provenance)."""

@@ -132,18 +132,31 @@ class DiffMask(Method):
 
     name = "diffmask"
     needs_tokens = True
+    trained_for_operator = True
+    # reusing the explainer trained on the original model would fail the check by
+    # construction; retraining it on every randomised copy costs a full training per stage
+    sanity_checkable = False
+    sanity_note = ("an explainer trained for the original model; retraining it on each "
+                   "randomised copy (one training per stage and operator) is not run")
 
     @classmethod
     def options_from_run(cls, run: Any, options: dict[str, Any]) -> dict[str, Any]:
-        """The run's explainer: ``checkpoint`` as given, else trained (or taken from the cache)
-        for the run's model on the dataset's training split, once per run."""
-        if options.get("checkpoint") is None:
-            from patchbench.methods.diffmask_train import train_for_run, untrained_for_run
+        """The run's explainer for ``run.operator``'s table: ``checkpoint`` as given, else
+        trained (or taken from the cache) for the run's model on the dataset's training
+        split against that operator's relaxation (the learned placeholder for an operator
+        without one, or with no operator), once per run and operator."""
+        from patchbench.methods.diffmask_train import train_for_run, trained_against, untrained_for_run
 
+        against, fresh = trained_against(run.operator), False
+        if options.get("checkpoint") is None:
             # timing only: the cost of a pass does not depend on the gates' weights
             make = untrained_for_run if run.timing_only else train_for_run
-            options["checkpoint"] = str(run.memo("diffmask", lambda: make(run)))
-        run.meta["diffmask"] = {"checkpoint": options["checkpoint"], **diffmask_meta(options["checkpoint"])}
+            key = f"diffmask:{against.name if against is not None else 'placeholder'}"
+            path, fresh = run.memo(key, lambda: make(run))
+            options["checkpoint"] = str(path)
+        record = {"checkpoint": options["checkpoint"], **diffmask_meta(options["checkpoint"]),
+                  "trained_in_this_run": fresh}
+        run.meta.setdefault("diffmask", {})[run.operator_name or "placeholder"] = record
         return options
 
     def __init__(self, adapter: ViTAdapter, checkpoint: str | None = None) -> None:
@@ -153,6 +166,11 @@ class DiffMask(Method):
                              "(make one with `patchbench train-diffmask`)")
         self.checkpoint = str(checkpoint)
         self.explainer, self.meta = load_explainer(adapter, checkpoint)
+
+    def setup_seconds(self) -> float | None:
+        """The explainer's training time, as measured when it was trained."""
+        seconds = self.meta.get("train_seconds")
+        return float(seconds) if seconds is not None else None
 
     def _attribute(self, images: Tensor, target: Tensor) -> Tensor:
         self.explainer.to(images.device)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import inspect
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -28,7 +30,8 @@ from patchbench.datasets import DATASETS, create_dataset
 from patchbench.datasets.files import FileDataset
 from patchbench.methods.diffmask import DiffMaskExplainer, hard_concrete_sample, log_prob_nonzero
 from patchbench.models.adapter import ViTAdapter
-from patchbench.utils import atomic_path, cache_dir, load_cached, stable_hash
+from patchbench.models.removal import OPERATORS, RemovalOperator
+from patchbench.utils import atomic_path, cache_dir, load_cached, stable_hash, weights_digest
 
 
 @dataclass(frozen=True)
@@ -155,14 +158,20 @@ def kl_per_image(logp_clean: Tensor, logits: Tensor) -> Tensor:
 
 
 def lagrangian(adapter: ViTAdapter, explainer: DiffMaskExplainer, lambdas: Multipliers,
-               batch: Tensor, k: int, eps: float, generator: torch.Generator | None = None
+               batch: Tensor, k: int, eps: float, generator: torch.Generator | None = None,
+               removal: Any = None, seeds: Tensor | None = None
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The training objective for one batch with layer ``k`` drawn.
+
+    Args:
+        removal: The removal operator whose relaxation (``soft``) removes the masked patches;
+            None: the learned placeholder replaces their patch embeddings (the paper's).
+        seeds: One seed per image for the operator's state (random baselines).
 
     Returns:
         The scalar Lagrangian mean_b[λ_k (KL_b − eps) + L0_b], and per image ``[B]``: the
         KL, the L0 term (Σ_{i ≤ k} log P(z_i ≠ 0), averaged over patches) and the expected
-        fraction of patches kept (the mean over patches of Π_{i ≤ k} P(z_i ≠ 0)).
+        fraction of patches kept per patch ``[B, P]`` (Π_{i ≤ k} P(z_i ≠ 0)).
     """
     with torch.no_grad():
         h0 = adapter.patch_embeddings(batch)
@@ -172,8 +181,14 @@ def lagrangian(adapter: ViTAdapter, explainer: DiffMaskExplainer, lambdas: Multi
     z = hard_concrete_sample(gate_logits, generator=generator).prod(-1)
     log_keep = log_prob_nonzero(gate_logits).sum(-1)  # [B, P]: log P(every gate i ≤ k open)
     l0 = log_keep.mean(-1)
-    kl = kl_per_image(logp_clean, adapter.forward_embeddings(explainer.mask_input(h0, z)))
-    return (lambdas[k] * (kl - eps) + l0).mean(), kl, l0, log_keep.exp().mean(-1).detach()
+    if removal is None:
+        masked = adapter.forward_embeddings(explainer.mask_input(h0, z))
+    else:
+        with torch.no_grad():
+            state = removal.prepare(adapter, batch, seeds if seeds is not None else torch.arange(len(batch)))
+        masked = removal.soft(adapter, batch, z, state)
+    kl = kl_per_image(logp_clean, masked)
+    return (lambdas[k] * (kl - eps) + l0).mean(), kl, l0, log_keep.exp().detach()
 
 
 class PreparedImages:
@@ -198,14 +213,23 @@ class PreparedImages:
 
 
 def train_diffmask(adapter: ViTAdapter, images: Tensor | PreparedImages, cfg: DiffMaskConfig,
-                   log_path: str | Path | None = None, progress: bool = True
-                   ) -> tuple[DiffMaskExplainer, list[dict[str, float]]]:
+                   log_path: str | Path | None = None, progress: bool = True, removal: Any = None,
+                   truth: Tensor | None = None) -> tuple[DiffMaskExplainer, list[dict[str, float]]]:
     """Trains an explainer for ``adapter`` on model inputs ``images`` ``[N, 3, H, W]``
     (a tensor, or :class:`PreparedImages` streaming them from a dataset).
 
+    Args:
+        removal: The removal operator the explainer is trained against (through its
+            continuous relaxation); None: the learned placeholder (the paper's).
+        truth: Optional ground-truth patch masks ``[N, Hp, Wp]``: the log then has the
+            expected kept fraction on ground-truth patches and on the others.
+
     Returns:
         The explainer and the training log: one row per step with the drawn layer, KL, the
-        L0 term, the expected fraction of patches kept, and every multiplier.
+        L0 term, the expected fraction of patches kept (overall, and on and off the ground
+        truth), the share of patches whose gates are saturated open (expected kept > 0.999,
+        where the L0 term's gradient, 1 − P(z ≠ 0), vanishes), the gates' learned offsets
+        and every multiplier.
     """
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -244,16 +268,19 @@ def train_diffmask(adapter: ViTAdapter, images: Tensor | PreparedImages, cfg: Di
         for step in bar:
             for group, lr in zip(gate_opt.param_groups, base_lrs):
                 group["lr"] = lr * min(1.0, (step + 1) / warmup)
-            batch = images[torch.randint(len(images), (cfg.batch_size,), generator=g)].to(device)
+            index = torch.randint(len(images), (cfg.batch_size,), generator=g)
+            batch = images[index].to(device)
             k = int(torch.randint(n_states, (), generator=g))
-            loss, kl, l0, kept = lagrangian(adapter, explainer, lambdas, batch, k, cfg.eps, g)
+            loss, kl, l0, kept = lagrangian(adapter, explainer, lambdas, batch, k, cfg.eps, g, removal,
+                                            index)
             gate_opt.zero_grad()
             lambda_opt.zero_grad()
             loss.backward()
             gate_opt.step()
             lambdas.ascend(lambda_opt, cfg.multiplier_max)
             row = {"step": step, "layer": k, "kl": kl.mean().item(), "log_l0": l0.mean().item(),
-                   "kept": kept.mean().item()}
+                   "kept": kept.mean().item(), "saturated": (kept > 0.999).float().mean().item(),
+                   **_kept_on_truth(kept, truth, index), **_gate_stats(explainer)}
             row.update({f"lambda_{i}": lambdas[i].item() for i in range(n_states)})
             log.append(row)
             if step % 20 == 0:
@@ -264,6 +291,22 @@ def train_diffmask(adapter: ViTAdapter, images: Tensor | PreparedImages, cfg: Di
     return explainer.eval(), log
 
 
+def _kept_on_truth(kept: Tensor, truth: Tensor | None, index: Tensor) -> dict[str, float]:
+    """Mean expected kept fraction on the batch's ground-truth patches and on the others."""
+    if truth is None:
+        return {}
+    t = truth[index].reshape(kept.shape).to(kept.device)
+    on, off = kept[t], kept[~t]
+    return {"kept_truth": on.mean().item() if len(on) else float("nan"),
+            "kept_other": off.mean().item() if len(off) else float("nan")}
+
+
+def _gate_stats(explainer: DiffMaskExplainer) -> dict[str, float]:
+    """The gates' learned offsets (their logits' centre; they start at ``add``)."""
+    adds = torch.stack([g.add.detach() for g in explainer.gates])
+    return {"gate_add_mean": adds.mean().item(), "gate_add_max": adds.max().item()}
+
+
 def write_log(path: str | Path, log: list[dict[str, float]]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(log[0]))
@@ -272,13 +315,20 @@ def write_log(path: str | Path, log: list[dict[str, float]]) -> None:
 
 
 def checkpoint_path(model_key: str, dataset: str, cfg: DiffMaskConfig,
-                    source: dict[str, Any] | None = None) -> Path:
-    """Cache path keyed by model, dataset, config and, for data on disk, where it was read."""
-    key = {"model": model_key, "dataset": dataset, "config": asdict(cfg)}
+                    source: dict[str, Any] | None = None, removal: dict[str, Any] | None = None,
+                    weights: str | None = None) -> Path:
+    """Cache path keyed by everything the explainer depends on: the model (key and weights
+    digest), the dataset and, for data on disk, where it was read, the training config, the
+    removal it is trained against (its config; None: the learned placeholder) and the source
+    of the training code (this module, the explainer's, and the removal operator's)."""
+    code = [Path(__file__), Path(__file__).with_name("diffmask.py")]
+    if removal is not None:
+        code.append(Path(inspect.getsourcefile(OPERATORS.get(removal["name"]))))
+    key = {"model": model_key, "weights": weights, "dataset": dataset, "config": asdict(cfg),
+           "removal": removal, "code": [hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in code]}
     if source:
         key["source"] = source
-    digest = stable_hash(key)
-    return cache_dir() / "diffmask" / f"{model_key}_{digest}.pt"
+    return cache_dir() / "diffmask" / f"{model_key}_{stable_hash(key)}.pt"
 
 
 def save_explainer(path: str | Path, explainer: DiffMaskExplainer, adapter: ViTAdapter,
@@ -291,9 +341,12 @@ def save_explainer(path: str | Path, explainer: DiffMaskExplainer, adapter: ViTA
 
 def train_or_load(adapter: ViTAdapter, dataset: str, cfg: DiffMaskConfig | None = None,
                   n_train: int = 20_000, progress: bool = True, data_root: str | None = None,
-                  dataset_options: dict[str, Any] | None = None) -> Path:
-    """The cached explainer for (model, dataset, config), trained on the train split first
-    if missing. Returns the checkpoint path; the training log is saved beside it (``.csv``).
+                  dataset_options: dict[str, Any] | None = None, removal: Any = None) -> Path:
+    """The cached explainer for (model, dataset, config, removal), trained on the train split
+    first if missing. Returns the checkpoint path; the training log is saved beside it (``.csv``).
+
+    ``removal`` is the operator trained against (its relaxation); None: the learned
+    placeholder. The checkpoint's metadata holds the training time and the removal.
 
     Synthetic datasets are generated in memory; datasets on disk (``data_root``) are read
     batch by batch (:class:`PreparedImages`). An ``imagefolder`` has no split of its own:
@@ -303,9 +356,11 @@ def train_or_load(adapter: ViTAdapter, dataset: str, cfg: DiffMaskConfig | None 
     on_disk = issubclass(DATASETS.get(dataset), FileDataset)
     source = {"data_root": str(Path(data_root).resolve()) if data_root else None, "n_train": n_train,
               **(dataset_options or {})} if on_disk else None
-    path = checkpoint_path(adapter.key, dataset, cfg, source)
+    removal_config = removal.config() if removal is not None else None
+    path = checkpoint_path(adapter.key, dataset, cfg, source, removal_config, weights_digest(adapter.model))
     if load_cached(path, ("explainer", "meta"), "DiffMask explainer") is not None:
         return path
+    truth = None
     if on_disk:
         train = create_dataset(dataset, "train", data_root=data_root, limit=n_train, seed=cfg.seed,
                                **(dataset_options or {}))
@@ -313,35 +368,55 @@ def train_or_load(adapter: ViTAdapter, dataset: str, cfg: DiffMaskConfig | None 
         images: Tensor | PreparedImages = PreparedImages(train, adapter)
     else:
         train = create_dataset(dataset, "train", size=n_train, seed=cfg.seed)
-        images = adapter.prepare(train.tensors()[0])
+        pixels, _, masks = train.tensors()
+        images = adapter.prepare(pixels)
+        if masks.any() and tuple(pixels.shape[-2:]) == adapter.img_size:
+            truth = adapter.pixel_to_patch(masks)  # logged: the mask on and off the ground truth
     start = time.perf_counter()
-    explainer, log = train_diffmask(adapter, images, cfg, path.with_suffix(".csv"), progress)
+    explainer, log = train_diffmask(adapter, images, cfg, path.with_suffix(".csv"), progress, removal, truth)
     last = log[-max(1, len(log) // 10):]
     save_explainer(path, explainer, adapter, dataset, cfg, {
+        "removal": removal_config or {"name": "placeholder (learned)"},
         "train_seconds": round(time.perf_counter() - start, 1),
         "final_kl": sum(r["kl"] for r in last) / len(last),
         "final_kept": sum(r["kept"] for r in last) / len(last)})
     return path
 
 
-def train_for_run(run: Any) -> Path:
-    """The explainer for a run's model and dataset (see :func:`train_or_load`), trained by one
-    process per node; its training log is added to the run folder's files."""
+def train_for_run(run: Any) -> tuple[Path, bool]:
+    """The explainer for a run's model, dataset and removal operator (``run.operator``; see
+    :func:`train_or_load`), trained by one process per node; its training log is added to the
+    run folder's files.
+
+    Returns:
+        The checkpoint, and whether it was trained now (False: it came from the cache).
+    """
     cfg = run.cfg
     if not getattr(DATASETS.get(run.dataset), "has_train_split", True) and not cfg.train_data_root:
         raise ValueError(f"DiffMask trains on a train split, and {run.dataset} has none: give "
                          "--train-data-root (e.g. ImageNet's train/ folder), or a trained explainer "
                          "in method_options.diffmask.checkpoint")
     dm_cfg = DiffMaskConfig(**{"seed": cfg.seed, **cfg.diffmask_config})
+    started = time.time()
     with run.once_per_node():
         path = train_or_load(run.adapter, run.dataset, dm_cfg, progress=run.progress,
                              data_root=cfg.train_data_root or cfg.data_root,
-                             dataset_options=cfg.dataset_options.get(run.dataset, {}))
-    run.files[f"diffmask_train_{run.dataset}.csv"] = path.with_suffix(".csv")
-    return path
+                             dataset_options=cfg.dataset_options.get(run.dataset, {}),
+                             removal=trained_against(run.operator))
+    name = trained_against(run.operator).name if trained_against(run.operator) else "placeholder"
+    run.files[f"diffmask_train_{run.dataset}_{name}.csv"] = path.with_suffix(".csv")
+    return path, path.stat().st_mtime >= started
 
 
-def untrained_for_run(run: Any) -> Path:
+def trained_against(operator: Any) -> Any:
+    """The operator an explainer for ``operator``'s table is trained against: itself when it
+    has a continuous relaxation, else None (the learned placeholder, as the paper trains)."""
+    if operator is None or type(operator).soft is RemovalOperator.soft:
+        return None
+    return operator
+
+
+def untrained_for_run(run: Any) -> tuple[Path, bool]:
     """An untrained explainer for the run's model, for timing a pass (see ``timing_only``)."""
     adapter = run.adapter
     torch.manual_seed(run.seed)
@@ -350,4 +425,4 @@ def untrained_for_run(run: Any) -> Path:
     path = cache_dir() / "diffmask" / f"untrained-{digest}.pt"
     save_explainer(path, DiffMaskExplainer(adapter.embed_dim, adapter.depth + 2, cfg.mul, cfg.add),
                    adapter, "untrained", cfg, {})
-    return path
+    return path, False

@@ -85,7 +85,8 @@ class PrecomputedMaps(Method):
     """
 
     name = "maps"
-    sanity_checkable = False  # nothing to recompute on a randomised model
+    sanity_checkable = False
+    sanity_note = "maps read from a file: nothing to recompute on a randomised model"
     file: str = ""
 
     @classmethod

@@ -276,7 +276,9 @@ class PlaceholderOperator(RemovalOperator):
         if options.get("checkpoint") is None and options.get("vector") is None:
             from patchbench.methods.diffmask import DiffMask  # the same explainer as the method's
 
-            dm_options = DiffMask.options_from_run(run, run.method_options("diffmask"))
+            # the explainer trained with its learned placeholder: what this operator removes with
+            dm_options = DiffMask.options_from_run(run.for_operator(cls.name, None),
+                                                   run.method_options("diffmask"))
             options["checkpoint"] = dm_options["checkpoint"]
         return options
 
