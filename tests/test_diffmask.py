@@ -1,7 +1,9 @@
 """Vision DiffMask: hard-concrete gates, dual ascent, checkpoints, training behaviour."""
 
+import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 from conftest import tiny_vit
@@ -191,3 +193,17 @@ def test_training_lowers_l0_and_keeps_kl_near_eps():
     assert first > 0.9 and kept < first - 0.2, (first, kept)
     assert kl < 3 * cfg.eps, kl
     assert math.isfinite(kl)
+
+
+def test_train_diffmask_for_an_operator_from_the_command_line(tmp_path, capsys):
+    from patchbench.cli import main
+
+    for operator in ("drop", "mean"):
+        code = main(["train-diffmask", "--dataset", "toy-count", "--steps", "3", "--operator", operator,
+                     "--results-dir", str(tmp_path), "--quiet"])
+        assert code == 0
+        meta = json.loads(capsys.readouterr().out)
+        assert meta["removal"]["name"] == operator and meta["config"]["steps"] == 3
+        log = pd.read_csv(meta["log"])
+        assert meta["log"].endswith(f"diffmask_train_toy-count_{operator}.csv") and len(log) == 3
+    assert len(meta["removal"]["colour"]) == 3  # the mean colour, as a run gives the operator

@@ -66,10 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("train-diffmask", help="train (or load from cache) a Vision DiffMask explainer",
                         description="Train DiffMask gates and placeholder for a model on a dataset's "
                                     "train split; log KL, L0 and multipliers per step to "
-                                    "RESULTS_DIR/RUN/diffmask_train_<dataset>.csv.")
+                                    "RESULTS_DIR/RUN/diffmask_train_<dataset>_<operator>.csv.")
     dm.add_argument("--model", default=d.model, help="architecture (default: %(default)s)")
     dm.add_argument("--dataset", required=True, help="dataset name")
     dm.add_argument("--steps", type=int, default=None, help="optimisation steps (default: config)")
+    dm.add_argument("--operator", default=None,
+                    help="train against this removal operator's relaxation (as a run does for its "
+                         "table); default: the learned placeholder, the paper's")
     dm.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     dm.add_argument("--run", default="diffmask", help="run folder for the log (default: %(default)s)")
     dm.add_argument("--results-dir", default=d.results_dir, help="(default: %(default)s)")
@@ -276,19 +279,28 @@ def _train_diffmask(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
-    from patchbench.bench.config import check_run_name
+    from patchbench.bench.config import BenchConfig, check_run_name
+    from patchbench.context import RunContext, options_from_run
     from patchbench.methods.diffmask import diffmask_meta
-    from patchbench.methods.diffmask_train import DiffMaskConfig, train_or_load
+    from patchbench.methods.diffmask_train import DiffMaskConfig, train_or_load, trained_against
+    from patchbench.models import OPERATORS, create_operator
     from patchbench.models.zoo import TrainConfig, load_model
     from patchbench.utils import atomic_path
 
     check_run_name(args.run)
-    adapter, _ = load_model(args.model, args.dataset, TrainConfig(seed=args.seed), progress=not args.quiet)
+    adapter, meta = load_model(args.model, args.dataset, TrainConfig(seed=args.seed), progress=not args.quiet)
     cfg = DiffMaskConfig(seed=args.seed)
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
-    path = train_or_load(adapter, args.dataset, cfg, progress=not args.quiet)
-    out = Path(args.results_dir) / args.run / f"diffmask_train_{args.dataset}.csv"
+    removal = None
+    if args.operator:  # made as a run makes it: with what it takes from the run (mean colour, seed)
+        run = RunContext(BenchConfig(model=args.model, datasets=(args.dataset,), seed=args.seed),
+                         args.dataset, adapter, meta)
+        removal = trained_against(create_operator(args.operator, **options_from_run(
+            OPERATORS.get(args.operator), run, {})))
+    path = train_or_load(adapter, args.dataset, cfg, progress=not args.quiet, removal=removal)
+    tag = removal.name if removal is not None else "placeholder"
+    out = Path(args.results_dir) / args.run / f"diffmask_train_{args.dataset}_{tag}.csv"
     with atomic_path(out) as tmp:
         shutil.copyfile(path.with_suffix(".csv"), tmp)
     print(json.dumps({**diffmask_meta(path), "checkpoint": str(path), "log": str(out)}, indent=2))
