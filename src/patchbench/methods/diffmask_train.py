@@ -38,6 +38,22 @@ from patchbench.utils import atomic_path, cache_dir, load_cached, stable_hash, w
 class DiffMaskConfig:
     """Training settings. The paper's values are for ViT-B/16; where ours differ, see why.
 
+    Measured on the default glyphs model (800 steps, seed 0, 200 test images; issue 15):
+    trained against soft ``drop`` the constraint is active at the end (KL 0.077, eps 0.1),
+    the mask keeps 10% of patches (81% of the glyph's, 6% of the others') and the maps reach
+    AUROC 0.90 and pointing game 1.0 (400 steps: AUROC 0.955, pointing 0.98, 46 s). Trained
+    against the learned placeholder or soft ``mean``, it settles within about 50 steps on the
+    glyph plus the three distractor squares (kept 0.235: every distractor patch kept) and
+    stays there: KL 0.006-0.018, pointing game 0.04. Under those removals taking out the
+    distractors alone moves the output more than taking out everything but the glyph (mean KL
+    0.111 against 0.045 under ``mean``), so the path from the all-open start meets a ridge, and
+    the distractor gates then saturate (the share of patches with expected kept > 0.999 rises
+    to 0.23; the L0 gradient there is about 1 − P(z ≠ 0)). Neither a lower gate rate (3e-4), a
+    faster multiplier (Adam 3.0, or plain ascent at 10) nor a smaller scale (mul 5, add 4)
+    changed that; starting the gates half-open (add 0) raised the pointing game to 0.48, and
+    starting them closed (add −4) collapsed the mask (kept 0, KL 5.1). Reproduce with
+    ``train_diffmask(..., removal=create_operator(...), truth=...)`` and the log's columns.
+
     Attributes:
         steps: Optimisation steps. 800 steps of 32 images reach the KL target on both
             default datasets (toy-count: AUROC 1.0 from 500 steps on, over 3 seeds).
