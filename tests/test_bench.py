@@ -152,9 +152,13 @@ def test_list_command(capsys):
 def test_diffmask_in_a_run_with_placeholder_operator(tmp_path, glyphs_model):
     cfg = BenchConfig(run="dm", results_dir=str(tmp_path), datasets=("glyphs",),
                       methods=("random", "diffmask"), operators=("mean", "placeholder"),
-                      n_images=8, steps=4, diffmask_config={"steps": 10, "batch_size": 8})
+                      n_images=8, steps=4, sanity_images=4, diffmask_config={"steps": 10, "batch_size": 8})
     out = run_benchmark(cfg, progress=False)
     scores = out["scores"]
+    # the sanity check never reuses an explainer trained on the original model: not applicable
+    verdicts = out["sanity"].drop_duplicates("method").set_index("method").verdict
+    assert verdicts["diffmask"].startswith("not applicable: an explainer trained for the original model")
+    assert verdicts["random"] == "fail"
     # one explainer per operator, each trained against that operator's removal: their
     # localisation rows are told apart, their faithfulness rows are each under their own operator
     assert set(scores[scores.operator != "-"].method) == {"random", "diffmask"}

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -207,3 +208,30 @@ def test_train_diffmask_for_an_operator_from_the_command_line(tmp_path, capsys):
         log = pd.read_csv(meta["log"])
         assert meta["log"].endswith(f"diffmask_train_toy-count_{operator}.csv") and len(log) == 3
     assert len(meta["removal"]["colour"]) == 3  # the mean colour, as a run gives the operator
+
+
+def test_explainer_cache_key_holds_code_config_removal_and_weights(tmp_path, monkeypatch):
+    from patchbench.methods import diffmask_train as dt
+
+    cfg = DiffMaskConfig()
+    base = dt.checkpoint_path("m", "glyphs", cfg, None, None, "w1")
+    assert dt.checkpoint_path("m", "glyphs", cfg, None, None, "w1") == base  # stable
+    assert dt.checkpoint_path("m", "glyphs", cfg, None, None, "w2") != base  # weights
+    assert dt.checkpoint_path("m", "glyphs", DiffMaskConfig(steps=10), None, None, "w1") != base  # config
+    assert dt.checkpoint_path("m", "glyphs", cfg, None, {"name": "drop"}, "w1") != base  # removal
+    edited = tmp_path / "diffmask_train.py"  # the training code, edited
+    edited.write_text(Path(dt.__file__).read_text() + "\n# changed\n")
+    (tmp_path / "diffmask.py").write_text(Path(dt.__file__).with_name("diffmask.py").read_text())
+    monkeypatch.setattr(dt, "__file__", str(edited))
+    assert dt.checkpoint_path("m", "glyphs", cfg, None, None, "w1") != base
+
+
+def test_training_against_soft_drop_lowers_the_mask_and_keeps_the_output(tiny):
+    torch.manual_seed(0)
+    images = torch.randn(64, 3, 16, 16)
+    cfg = DiffMaskConfig(steps=200, batch_size=16, eps=0.1)
+    explainer, log = train_diffmask(tiny, images, cfg, progress=False, removal=create_operator("drop"))
+    first, last = log[:10], log[-20:]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    assert mean(first, "kept") > 0.8 and mean(last, "kept") < 0.5 * mean(first, "kept")
+    assert mean(last, "kl") < 2 * cfg.eps  # the constraint holds, roughly, while L0 falls
