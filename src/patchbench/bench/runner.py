@@ -652,7 +652,8 @@ def _merge(parts: list[dict[str, Any]], cfg: BenchConfig, sample_ids: dict[str, 
     timing = ok(pd.DataFrame([t for p in parts for t in p["timing"]],
                              columns=[*keys, "ms_per_image", "images", "setup_seconds"]))
     timing["ms"] = timing["ms_per_image"] * timing["images"]
-    timing_df = timing.groupby(keys, sort=False, as_index=False).agg(
+    timing["operator"] = timing["operator"].astype(object).fillna("")  # "": one instance for all
+    timing_df = timing.groupby(keys, sort=False, as_index=False, dropna=False).agg(
         ms=("ms", "sum"), images=("images", "sum"), setup_seconds=("setup_seconds", "max"))
     timing_df["ms_per_image"] = timing_df["ms"] / timing_df["images"]
     return scores_df, curves_df, timing_df[[*keys, "ms_per_image", "setup_seconds", "images"]], failures_df
