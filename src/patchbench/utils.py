@@ -59,6 +59,11 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def file_digest(path: str | Path | None) -> str | None:
+    """Hash of one source file (a method's, an operator's, the training code), or None."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else None
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of every parameter and buffer (name, dtype, shape and bytes) of ``model``.
 

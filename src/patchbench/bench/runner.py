@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import hashlib
 import inspect
 import shutil
 import time
@@ -66,6 +65,7 @@ from patchbench.models.hub import create_model
 from patchbench.models.zoo import MODELS, TrainConfig
 from patchbench.utils import (
     autocast,
+    file_digest,
     provenance,
     resolve_device,
     seed_everything,
@@ -700,11 +700,6 @@ def source_digest(*paths: str) -> str:
     """Hash of patchbench source files, given relative to the package (``models/adapter.py``)."""
     root = Path(__file__).resolve().parents[1]
     return stable_hash([file_digest(str(root / p)) for p in paths], 16)
-
-
-def file_digest(path: str | None) -> str | None:
-    """Hash of one source file (a method's or an operator's, plugins' included)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else None
 
 
 def _data_source(cfg: BenchConfig, dataset: str) -> dict[str, Any] | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import inspect
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from patchbench.datasets.files import FileDataset
 from patchbench.methods.diffmask import DiffMaskExplainer, hard_concrete_sample, log_prob_nonzero
 from patchbench.models.adapter import ViTAdapter
 from patchbench.models.removal import OPERATORS, RemovalOperator
-from patchbench.utils import atomic_path, cache_dir, load_cached, stable_hash, weights_digest
+from patchbench.utils import atomic_path, cache_dir, file_digest, load_cached, stable_hash, weights_digest
 
 
 @dataclass(frozen=True)
@@ -341,7 +340,7 @@ def checkpoint_path(model_key: str, dataset: str, cfg: DiffMaskConfig,
     if removal is not None:
         code.append(Path(inspect.getsourcefile(OPERATORS.get(removal["name"]))))
     key = {"model": model_key, "weights": weights, "dataset": dataset, "config": asdict(cfg),
-           "removal": removal, "code": [hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in code]}
+           "removal": removal, "code": [file_digest(f) for f in code]}
     if source:
         key["source"] = source
     return cache_dir() / "diffmask" / f"{model_key}_{stable_hash(key)}.pt"
@@ -413,13 +412,14 @@ def train_for_run(run: Any) -> tuple[Path, bool]:
                          "--train-data-root (e.g. ImageNet's train/ folder), or a trained explainer "
                          "in method_options.diffmask.checkpoint")
     dm_cfg = DiffMaskConfig(**{"seed": cfg.seed, **cfg.diffmask_config})
+    removal = trained_against(run.operator)
     started = time.time()
     with run.once_per_node():
         path = train_or_load(run.adapter, run.dataset, dm_cfg, progress=run.progress,
                              data_root=cfg.train_data_root or cfg.data_root,
                              dataset_options=cfg.dataset_options.get(run.dataset, {}),
-                             removal=trained_against(run.operator))
-    name = trained_against(run.operator).name if trained_against(run.operator) else "placeholder"
+                             removal=removal)
+    name = removal.name if removal is not None else "placeholder"
     run.files[f"diffmask_train_{run.dataset}_{name}.csv"] = path.with_suffix(".csv")
     return path, path.stat().st_mtime >= started
 
