@@ -152,13 +152,15 @@ def test_list_command(capsys):
 def test_diffmask_in_a_run_with_placeholder_operator(tmp_path, glyphs_model):
     cfg = BenchConfig(run="dm", results_dir=str(tmp_path), datasets=("glyphs",),
                       methods=("random", "diffmask"), operators=("mean", "placeholder"),
-                      n_images=8, steps=4, sanity_images=4, diffmask_config={"steps": 10, "batch_size": 8})
+                      n_images=8, steps=4, sanity_images=4, sanity_train_steps=5,
+                      diffmask_config={"steps": 10, "batch_size": 8})
     out = run_benchmark(cfg, progress=False)
     scores = out["scores"]
-    # the sanity check never reuses an explainer trained on the original model: not applicable
-    verdicts = out["sanity"].drop_duplicates("method").set_index("method").verdict
-    assert verdicts["diffmask"].startswith("not applicable: an explainer trained for the original model")
-    assert verdicts["random"] == "fail"
+    # the sanity check retrains DiffMask for each model it explains, and says so
+    sanity = out["sanity"].drop_duplicates("method").set_index("method")
+    assert sanity.verdict["diffmask"] in ("pass", "fail") and sanity.verdict["random"] == "fail"
+    assert sanity.retrained["diffmask"] == "5 steps, against mean" and sanity.retrained["random"] == ""
+    assert "| diffmask | 5 steps, against mean |" in (tmp_path / "dm" / "leaderboard.md").read_text()
     # one explainer per operator, each trained against that operator's removal: their
     # localisation rows are told apart, their faithfulness rows are each under their own operator
     assert set(scores[scores.operator != "-"].method) == {"random", "diffmask"}
@@ -178,3 +180,38 @@ def test_diffmask_in_a_run_with_placeholder_operator(tmp_path, glyphs_model):
     pairs = set(zip(transfer.trained_for, transfer.operator))
     assert pairs == {("mean", "placeholder"), ("placeholder", "mean")}
     assert "Trained for X, scored under Y" in (tmp_path / "dm" / "leaderboard.md").read_text()
+
+
+def test_diffmask_trained_from_several_seeds(tmp_path, glyphs_model):
+    cfg = BenchConfig(run="seeds", results_dir=str(tmp_path), datasets=("glyphs",),
+                      methods=("random", "diffmask"), operators=("drop",), n_images=8, steps=4,
+                      sanity_images=0, train_seeds=2, diffmask_config={"steps": 10, "batch_size": 8})
+    out = run_benchmark(cfg, progress=False)
+    folder = tmp_path / "seeds"
+    per_seed = pd.read_csv(folder / "seed_scores.csv")
+    assert set(per_seed.method) == {"diffmask"} and set(per_seed.train_seed) == {0, 1}
+    keys = ["method", "operator", "metric", "sample_id"]
+    seeds = per_seed.pivot_table(index=keys, columns="train_seed", values="value")
+    assert (seeds[0] - seeds[1]).abs().max() > 1e-3  # two explainers, not one scored twice
+    # the table's rows are the mean over the seeds, image by image
+    scores = pd.read_csv(folder / "scores.csv").set_index(keys)
+    joined = seeds.join(scores.value, how="inner")
+    assert len(joined) == len(seeds)
+    assert ((joined[0] + joined[1]) / 2 - joined.value).abs().max() < 1e-5
+    run = json.loads((folder / "run.json").read_text())
+    explainers = run["models"]["glyphs"]["diffmask"]
+    assert explainers["drop"]["config"]["seed"] == 0 and explainers["drop, seed 1"]["config"]["seed"] == 1
+    assert explainers["drop"]["checkpoint"] != explainers["drop, seed 1"]["checkpoint"]
+    assert (folder / "diffmask_train_glyphs_drop_seed1.csv").exists()
+    # the cost of the row is both trainings; the range over seeds sits beside the interval
+    timing = out["timing"].set_index("method")
+    total = explainers["drop"]["train_seconds"] + explainers["drop, seed 1"]["train_seconds"]
+    assert timing.at["diffmask", "setup_seconds"] == pytest.approx(total)
+    assert timing.at["diffmask", "seeds"] == 2
+    summary = out["summary"].set_index(["method", "operator", "metric"])
+    srg = summary.loc[("diffmask", "drop", "srg")]
+    means = per_seed[per_seed.metric == "srg"].groupby("train_seed").value.mean()
+    assert srg.seeds == 2
+    assert (srg.seed_min, srg.seed_max) == pytest.approx((means.min(), means.max()))
+    assert f"seeds 2: {means.min():.3f}–{means.max():.3f}" in (folder / "leaderboard.md").read_text()
+    assert "seeds 2: " in (folder / "report.html").read_text()

@@ -239,3 +239,26 @@ def test_training_against_soft_drop_lowers_the_mask_and_keeps_the_output(tiny):
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     assert mean(first, "kept") > 0.8 and mean(last, "kept") < 0.5 * mean(first, "kept")
     assert mean(last, "kl") < 2 * cfg.eps  # the constraint holds, roughly, while L0 falls
+
+
+def test_the_sanity_check_retrains_for_each_model_it_explains(glyphs_model):
+    from patchbench.bench import BenchConfig
+    from patchbench.bench.sanity import randomised_copy
+    from patchbench.context import RunContext
+    from patchbench.methods.diffmask import DiffMask, diffmask_meta
+    from patchbench.utils import weights_digest
+
+    adapter = glyphs_model[0]
+    cfg = BenchConfig(sanity_train_steps=3, diffmask_config={"batch_size": 4})
+    drop = create_operator("drop")
+    run = RunContext(cfg, "glyphs", adapter, progress=False).for_operator("drop", drop, 0)
+    given = {"checkpoint": "trained-for-the-original-model.pt"}
+    paths = []
+    for model in (adapter, randomised_copy(adapter, 1), randomised_copy(adapter, 2)):
+        options = DiffMask.options_for_model(run, dict(given), model)
+        meta = diffmask_meta(options["checkpoint"])
+        # trained now for this very model (its weights), against the same removal, briefly
+        assert meta["weights_digest"] == weights_digest(model.model)
+        assert meta["removal"]["name"] == "drop" and meta["config"]["steps"] == 3
+        paths.append(options["checkpoint"])
+    assert len(set(paths)) == 3 and given["checkpoint"] not in paths

@@ -42,6 +42,8 @@ class RunContext:
         operator: For a method trained for the removal it is scored under
             (``Method.trained_for_operator``): the operator whose table it is made for.
         operator_name: That operator's name in the run.
+        train_seed: For a method that trains from a seed (``Method.trained``): this
+            instance's seed (the run makes one per seed in ``cfg.train_seeds``).
     """
 
     cfg: Any
@@ -57,12 +59,13 @@ class RunContext:
     images: Any = None
     operator: Any = None
     operator_name: str | None = None
+    train_seed: int | None = None
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def for_operator(self, name: str, operator: Any) -> RunContext:
-        """This context for a component made for operator ``name``'s table (the same meta,
-        files and memo)."""
-        return dataclasses.replace(self, operator=operator, operator_name=name)
+    def for_operator(self, name: str | None, operator: Any, train_seed: int | None = None) -> RunContext:
+        """This context for a component made for operator ``name``'s table (None: for every
+        table), trained with ``train_seed`` (the same meta, files and memo)."""
+        return dataclasses.replace(self, operator=operator, operator_name=name, train_seed=train_seed)
 
     @property
     def seed(self) -> int:

@@ -59,12 +59,17 @@ class BenchConfig:
                             flags=("--n-images", "--limit"))
     steps: int | None = setting(16, "steps per curve, 0 = one per patch")
     seed: int = setting(0, "seed for everything")
+    train_seeds: int = setting(1, "seeds each trained method (DiffMask) is trained with (seed, seed+1, "
+                               "...): each is scored; tables show the mean over them and their range")
     target: str = setting("prediction", "class whose probability is tracked",
                           choices=("prediction", "label"))
     batch_size: int = setting(50, "images per attribution call")
     gallery_size: int = setting(8, "images per dataset in report.html's gallery")
     sanity_images: int = setting(16, "images per dataset for the model-randomisation sanity check, "
                                  "0 = skip it")
+    sanity_train_steps: int = setting(100, "training steps of a trained method (DiffMask) retrained "
+                                      "for the sanity check on the trained model and on each "
+                                      "randomised copy; 0 = mark it not applicable")
     chunk_size: int | None = setting(None, "most (image, step) rows prepared per pass (default: 64 on "
                                      "CPU, 1024 on GPU)")
     memory_budget: str | None = setting(None, "working memory for the curves' forward passes, e.g. "
@@ -112,9 +117,11 @@ class BenchConfig:
             value = getattr(self, f.name)
             if allowed and value is not None and value not in allowed:
                 raise ValueError(f"{f.name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.train_seeds < 1:
+            raise ValueError(f"train_seeds must be at least 1, got {self.train_seeds}")
         if self.n_images < 2:
             raise ValueError(f"n_images must be at least 2, got {self.n_images}")
-        for name in ("gallery_size", "sanity_images"):
+        for name in ("gallery_size", "sanity_images", "sanity_train_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.chunk_size is not None and self.chunk_size < 1:

@@ -32,7 +32,9 @@ AUC_NOTE = ("AUCs: trapezoid rule over the fraction of patches removed/inserted 
             "SRG = LeRF p AUC - deletion p AUC. Under one operator, LeRF and insertion are "
             "the same images seen from opposite ends, so their AUCs are equal; Ins is not "
             "shown separately.")
-CELL_NOTE = ("Cells: mean [95% bootstrap CI]. **Bold**: the best mean in the column; ≈: not "
+CELL_NOTE = ("Cells: mean [95% bootstrap CI over images]; a method trained from several seeds "
+             "shows the mean over seeds per image, then the range of the seeds' means "
+             "(`seeds 3: low–high`). **Bold**: the best mean in the column; ≈: not "
              "significantly different from it (Wilcoxon signed-rank over the same images, "
              f"Holm-corrected within the column, α = {ALPHA}); other cells are significantly worse.")
 NORM_NOTE = ("Normalised: (score - random) / (best - random), so the `random` control is 0 and "
@@ -72,6 +74,20 @@ def summarise(scores: pd.DataFrame, level: float = 0.95, n_boot: int = 2000, see
     for _, column in out.groupby([*GROUP, "metric"], sort=False):
         _judge(out, column, scores, alpha, control)
     return out
+
+
+def with_seed_ranges(summary: pd.DataFrame, seed_scores: pd.DataFrame) -> pd.DataFrame:
+    """``summary`` with, for methods trained from several seeds, the range of the seeds'
+    means: columns ``seed_min``, ``seed_max`` and ``seeds`` (NaN for the other methods).
+
+    Args:
+        summary: From :func:`summarise` (a seeded method's rows: the mean over its seeds).
+        seed_scores: Per-image rows of each seed (the score columns and ``train_seed``).
+    """
+    keys = [*GROUP, "method", "metric"]
+    per_seed = seed_scores.groupby([*keys, "train_seed"], sort=False).value.mean()
+    ranges = per_seed.groupby(keys, sort=False).agg(seed_min="min", seed_max="max", seeds="count")
+    return summary.merge(ranges.reset_index(), on=keys, how="left")
 
 
 def _judge(out: pd.DataFrame, column: pd.DataFrame, scores: pd.DataFrame, alpha: float,
@@ -173,12 +189,16 @@ def sanity_table(sanity: pd.DataFrame) -> list[Table]:
     tables = []
     for (dataset, model), g in sanity.groupby(["dataset", "model"], sort=False):
         stages = list(dict.fromkeys(g.sort_values("stage_index").stage))
+        retrained = g.get("retrained", pd.Series("", index=g.index)).fillna("")
+        shown = bool((retrained != "").any())
         rows = []
         for method, m in g.groupby("method", sort=False):
             rho = dict(zip(m.stage, m.spearman))
             verdict = str(m.verdict.iloc[0])
-            rows.append([method, *(Cell(rho.get(st), ".2f") for st in stages),
+            rows.append([method, *([retrained[m.index[0]] or "no"] if shown else []),
+                         *(Cell(rho.get(st), ".2f") for st in stages),
                          Cell(verdict, mark=_sanity_mark(verdict))])
+        notes = [RETRAINED_NOTE] if shown else []
         note = ("Cascading model-parameter randomisation (Adebayo et al., 2018): from the head "
                 "down, each column re-initialises one more part of the model; cells are the mean "
                 "Spearman correlation between a method's maps on the trained and on the "
@@ -186,8 +206,15 @@ def sanity_table(sanity: pd.DataFrame) -> list[Table]:
                 f"everything randomised, correlate below {float(g.threshold.iloc[0]):g} with the "
                 "trained ones: maps that do not change with the model cannot explain it.")
         tables.append(Table(f"Sanity check: model randomisation · {dataset} · {model}",
-                            ["method", *(f"ρ +{st}" for st in stages), "verdict"], rows, [note]))
+                            ["method", *(["retrained"] if shown else []), *(f"ρ +{st}" for st in stages),
+                             "verdict"], rows, [note, *notes]))
     return tables
+
+
+RETRAINED_NOTE = ("Retrained: a trained method (DiffMask) is trained again, for the steps shown, "
+                  "on the trained model and on each randomised copy, and the two explainers' maps "
+                  "are compared; the explainer trained for the original model is never reused on "
+                  "another model.")
 
 
 def _sanity_mark(verdict: str) -> str:
@@ -264,8 +291,11 @@ def _ordered(group: pd.DataFrame, metric: str) -> list[str]:
 
 def _cell(c: pd.Series) -> Cell:
     """A leaderboard cell: mean, interval, and the verdict as its mark (≈ after a tie)."""
+    seeds = c.get("seeds")
+    spread = ((float(c["seed_min"]), float(c["seed_max"]), int(seeds))
+              if seeds is not None and not pd.isna(seeds) and seeds > 1 else None)
     return Cell(float(c["mean"]), ".3f", float(c["ci_low"]), float(c["ci_high"]), c["verdict"],
-                "≈" if c["verdict"] == "tie" else "")
+                "≈" if c["verdict"] == "tie" else "", spread)
 
 
 def _header(metric: str) -> str:
@@ -350,9 +380,10 @@ def _break_even_note(costs: dict[str, tuple[float, float | None, int]]) -> str:
         slower = {m: c[0] for m, c in costs.items() if c[1] is None and c[0] > ms}
         pairs = [f"{m} after {math.ceil(1000 * setup / (other - ms)):,} images"
                  for m, other in sorted(slower.items(), key=lambda kv: -kv[1])]
-        parts.append(f"`{method}`: setup {setup:.0f} s (training, once per model and operator; a "
-                     f"cached explainer shows what it cost when trained), so {1000 * setup / images:.0f} "
-                     f"ms per image over these {images} images; it breaks even with "
+        parts.append(f"`{method}`: setup {setup:.0f} s (training, once per model and operator, "
+                     "summed over its training seeds; a cached explainer shows what it cost when "
+                     f"trained), so {1000 * setup / images:.0f} ms per image over these {images} "
+                     "images; it breaks even with "
                      + (", ".join(pairs) if pairs else "no per-image method (all are faster)") + ".")
     return "Cost: ms/img is the attribution pass alone. " + " ".join(parts)
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -40,6 +40,7 @@ from patchbench.bench.results import (
     summarise,
     transfer_table,
     wide_leaderboard,
+    with_seed_ranges,
     write_run,
 )
 from patchbench.bench.sanity import randomisation_stages, randomised_correlations, sanity_rows
@@ -142,6 +143,7 @@ class Part:
     galleries: list[dict[str, Any]] = field(default_factory=list)
     stages: list[dict[str, Any]] = field(default_factory=list)  # seconds per stage
     transfer: list[dict[str, Any]] = field(default_factory=list)  # trained for X, scored under Y
+    seed_scores: list[dict[str, Any]] = field(default_factory=list)  # per training seed
     chunks: list[int] = field(default_factory=lambda: [0, 0])  # reused, computed
 
     def warn(self, msg: str) -> None:
@@ -189,17 +191,18 @@ class Job:
     def base(self) -> dict[str, str]:
         return {"model": self.run.meta["key"], "dataset": self.run.dataset}
 
-    def variants(self, name: str) -> list[str | None]:
-        """The operators a method gets an instance of its own for (those it is trained
-        for), or ``[None]``: one instance scored under every operator."""
-        if name in self.instances or not getattr(METHODS.get(name), "trained_for_operator", False):
-            return [None]
-        return list(self.operators)
+    def variants(self, name: str) -> list[Variant]:
+        """The instances a method is scored with: one per operator it is trained for
+        (``trained_for_operator``) times one per training seed (``trained``), or the one
+        instance ``Variant(None, None)`` scored under every operator."""
+        if name in self.instances:
+            return [Variant(None, None)]
+        return _variants(name, self.run, self.operators)
 
-    def options(self, name: str, operator: str | None = None) -> dict[str, Any]:
-        """The options to create method ``name`` with (for ``operator``'s table)."""
+    def options(self, name: str, variant: Variant | None = None) -> dict[str, Any]:
+        """The options to create method ``name`` with (as ``variant``)."""
         options = self.method_options.get(name, {})
-        return options[operator] if operator is not None else options
+        return options[variant] if variant is not None and variant in options else options
 
 
 def _run(cfg: BenchConfig, world: World, device: torch.device, plugin_problems: list[str],
@@ -302,12 +305,31 @@ def prepare(cfg: BenchConfig, dataset: str, device: torch.device, *, world: Worl
                references, data_key, gallery, instances)
 
 
+class Variant(NamedTuple):
+    """One instance of a method in a run: the operator it is trained for and its training
+    seed (None: not trained for one / not trained from a seed)."""
+
+    operator: str | None
+    seed: int | None
+
+
+def _variants(name: str, run: RunContext, operators: dict[str, Any]) -> list[Variant]:
+    cls = METHODS.get(name)
+    ops = list(operators) if getattr(cls, "trained_for_operator", False) else [None]
+    seeds = ([run.seed + i for i in range(run.cfg.train_seeds)] if getattr(cls, "trained", False)
+             else [None])
+    return [Variant(op, seed) for op in ops for seed in seeds]
+
+
 def _method_options(name: str, run: RunContext, operators: dict[str, Any]) -> dict[str, Any]:
-    """A method's options from its hook; per operator for a method trained for each."""
+    """A method's options from its hook; per variant (operator, seed) for a method trained
+    for each operator or from a seed."""
     cls, user = METHODS.get(name), run.cfg.method_options.get(name, {})
-    if getattr(cls, "trained_for_operator", False):
-        return {op: options_from_run(cls, run.for_operator(op, obj), user) for op, obj in operators.items()}
-    return options_from_run(cls, run, user)
+    variants = _variants(name, run, operators)
+    if variants == [Variant(None, None)]:
+        return options_from_run(cls, run, user)
+    return {v: options_from_run(cls, run.for_operator(v.operator, operators.get(v.operator), v.seed), user)
+            for v in variants}
 
 
 def _execute(job: Job, name: str, store: ChunkStore, part: Part) -> bool:
@@ -349,8 +371,8 @@ def _check(job: Job, scored: list[str], world: World, store: ChunkStore, part: P
     """The checks of one dataset: model randomisation (on rank 0's first images) and the
     ground-truth mask against the random control (where the dataset has ground truth)."""
     dataset, n_sanity = job.run.dataset, min(job.cfg.sanity_images, len(job.ids))
-    skipped = {m: METHODS.get(m).sanity_note for m in scored
-               if m not in job.instances and not getattr(METHODS.get(m), "sanity_checkable", True)}
+    skipped = {m: _sanity_skip(job, m) for m in scored if m not in job.instances}
+    skipped = {m: why for m, why in skipped.items() if why}
     checkable = [m for m in scored if m not in skipped]
     if world.rank == 0 and n_sanity >= 2 and scored:
         try:
@@ -371,6 +393,9 @@ def _collect(parts: list[dict[str, Any]], cfg: BenchConfig, sample_ids: dict[str
     scores_df, curves_df, timing_df, failures_df = _merge(parts, cfg, sample_ids)
     control = chance_control(cfg.methods, given.methods)
     summary = summarise(scores_df, seed=cfg.seed, control=control) if len(scores_df) else pd.DataFrame()
+    seeds_df = pd.DataFrame([r for p in parts for r in p["seed_scores"]])
+    if len(seeds_df) and len(summary):
+        summary = with_seed_ranges(summary, seeds_df)
     truth_df = pd.DataFrame([r for p in parts for r in p["checks"]], columns=SCORE_COLUMNS).dropna()
     check_df = ground_truth_check(truth_df, scores_df, control)
     sanity_df = pd.DataFrame([r for p in parts for r in p["sanity"]])
@@ -393,6 +418,7 @@ def _collect(parts: list[dict[str, Any]], cfg: BenchConfig, sample_ids: dict[str
             "failures": failures_df.to_dict("records"), "failures_df": failures_df,
             "metric_check": check_df, "flagged": flagged, "sanity": sanity_df,
             "rank_stability": agreement_df, "extra": extra, "stages": stages, "transfer": transfer_df,
+            "seed_scores": seeds_df,
             "galleries": _merge_galleries(parts, cfg)}
 
 
@@ -451,6 +477,7 @@ def _write(cfg: BenchConfig, out: dict[str, Any], run: dict[str, Any], files: di
                 "sanity.csv": (len(out["sanity"]), csv(out["sanity"])),
                 "rank_stability.csv": (len(out["rank_stability"]), csv(out["rank_stability"])),
                 "transfer.csv": (len(out["transfer"]), csv(out["transfer"])),
+                "seed_scores.csv": (len(out["seed_scores"]), csv(out["seed_scores"])),
                 "failures.csv": (out["failures"], lambda p: out["failures_df"].to_csv(p, index=False))}
     run_dir = Path(cfg.results_dir) / cfg.run
     write_run(run_dir, {
@@ -473,38 +500,88 @@ def _score_method(job: Job, name: str, store: ChunkStore, part: Part
 
     A method trained for each operator has one instance per operator: its rows under an
     operator are those of the instance trained for it; its other pairs go to ``part.transfer``
-    and its localisation rows are named ``method[operator]`` (one per instance).
+    and its localisation rows are named ``method[operator]`` (one per instance). A method
+    trained from a seed has one instance per seed: its rows are the mean over the seeds per
+    image, and each seed's rows go to ``part.seed_scores`` (for the range over seeds).
 
     Returns:
-        Score rows, curve frames, timing rows (per instance: attribution ms per image and the
-        seconds its setup took, e.g. training) and the maps ``[B, Hp, Wp]`` (of the first instance).
+        Score rows, curve frames, timing rows (per operator trained for: attribution ms per
+        image, the seconds its setup took over all seeds, e.g. training, and the number of
+        seeds) and the maps ``[B, Hp, Wp]`` (of the first instance).
     """
     rows, frames, timing, shown = [], [], [], None
     variants = job.variants(name)
-    for trained_for in variants:
-        maps, maps_key, secs, setup = _maps(job, name, trained_for, store, part)
-        timing.append({"dataset": job.run.dataset, "method": name, "operator": trained_for or "",
-                       "ms_per_image": 1000 * secs / len(job.ids), "images": len(job.ids),
-                       "setup_seconds": setup})
-        shown = maps if shown is None else shown
-        if job.truth.any():  # localisation scores only where the dataset has ground truth
-            label = name if len(variants) == 1 else f"{name}[{trained_for}]"
-            rows += _rows(job.base, label, "-", localisation_scores(maps.cpu(), job.truth), job.ids)
-        for op_name in job.operators:
-            more, frame = _curve_rows(job, store, part, maps_key, maps, name, op_name)
-            if trained_for in (None, op_name):
-                rows, frames = rows + more, frames + frame
-            else:  # trained for another operator: a transfer pair, not a leaderboard row
-                part.transfer += [{**r, "trained_for": trained_for} for r in more]
+    trained_for = list(dict.fromkeys(v.operator for v in variants))
+    for op in trained_for:
+        label = name if len(trained_for) == 1 else f"{name}[{op}]"
+        seeds = [v for v in variants if v.operator == op]
+        done = [_score_variant(job, name, label, v, store, part) for v in seeds]
+        if len(done) > 1:
+            part.seed_scores += [{**r, "train_seed": v.seed} for v, d in zip(seeds, done) for r in d.rows]
+        rows += _mean_rows([d.rows for d in done])
+        frames += [_mean_frame([d.frames[i] for d in done]) for i in range(len(done[0].frames))]
+        part.transfer += _mean_rows([d.transfer for d in done])
+        setups = [d.setup for d in done if d.setup is not None]
+        timing.append({"dataset": job.run.dataset, "method": name, "operator": op or "",
+                       "ms_per_image": sum(d.ms_per_image for d in done) / len(done),
+                       "images": len(job.ids), "setup_seconds": sum(setups) if setups else None,
+                       "seeds": len(done)})
+        shown = done[0].maps if shown is None else shown
     return rows, frames, timing, shown
 
 
-def _maps(job: Job, name: str, trained_for: str | None, store: ChunkStore, part: Part
+@dataclass
+class Scored:
+    """One instance of a method scored: its rows (localisation, and curves under the
+    operators it is for), transfer rows (under the others), curve frames, cost and maps."""
+
+    rows: list[dict[str, Any]]
+    transfer: list[dict[str, Any]]
+    frames: list[pd.DataFrame]
+    ms_per_image: float
+    setup: float | None
+    maps: Tensor
+
+
+def _score_variant(job: Job, name: str, label: str, variant: Variant, store: ChunkStore,
+                   part: Part) -> Scored:
+    maps, maps_key, secs, setup = _maps(job, name, variant, store, part)
+    rows, transfer, frames = [], [], []
+    if job.truth.any():  # localisation scores only where the dataset has ground truth
+        rows += _rows(job.base, label, "-", localisation_scores(maps.cpu(), job.truth), job.ids)
+    for op_name in job.operators:
+        more, frame = _curve_rows(job, store, part, maps_key, maps, name, op_name)
+        if variant.operator in (None, op_name):
+            rows, frames = rows + more, frames + frame
+        else:  # trained for another operator: a transfer pair, not a leaderboard row
+            transfer += [{**r, "trained_for": variant.operator} for r in more]
+    return Scored(rows, transfer, frames, 1000 * secs / len(job.ids), setup, maps)
+
+
+def _mean_rows(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rows (the same keys in the same order for every seed) with each value the mean over
+    the seeds (NaN where every seed's is NaN)."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    return [{**r, "value": float(pd.Series([rows[i]["value"] for rows in per_seed]).mean())}
+            for i, r in enumerate(per_seed[0])]
+
+
+def _mean_frame(per_seed: list[pd.DataFrame]) -> pd.DataFrame:
+    """A curve frame with each value the mean over the seeds' frames (the same rows)."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    out = per_seed[0].copy()
+    out["value"] = np.mean([f["value"].to_numpy() for f in per_seed], axis=0)
+    return out
+
+
+def _maps(job: Job, name: str, variant: Variant, store: ChunkStore, part: Part
           ) -> tuple[Tensor, dict[str, Any], float, float | None]:
     """The method's maps of the job's images (a stored chunk), their key, their seconds and
     the method's setup seconds (None without a setup)."""
     cfg, images, target, dataset = job.cfg, job.images, job.target, job.run.dataset
-    method = job.instances.get(name) or create_method(name, job.run.adapter, **job.options(name, trained_for))
+    method = job.instances.get(name) or create_method(name, job.run.adapter, **job.options(name, variant))
     job.guard.check(f"method {name!r}")
     maps_key = {"kind": "maps", **job.data_key, "method": method.config(),
                 "method_code": file_digest(inspect.getsourcefile(type(method)))}
@@ -520,7 +597,10 @@ def _maps(job: Job, name: str, trained_for: str | None, store: ChunkStore, part:
         job.guard.check(f"method {name!r}")  # raising here stores nothing
         return {"maps": maps, "seconds": torch.tensor(time.perf_counter() - t0, dtype=torch.float64)}
 
-    with part.stage(dataset, f"attribution: {name}" + (f" (for {trained_for})" if trained_for else "")):
+    seeded = job.cfg.train_seeds > 1 and variant.seed is not None
+    detail = ", ".join([*([f"for {variant.operator}"] if variant.operator else []),
+                        *([f"seed {variant.seed}"] if seeded else [])])
+    with part.stage(dataset, f"attribution: {name}" + (f" ({detail})" if detail else "")):
         got = store.get(maps_key, attribute)
     return got["maps"].to(images.device), maps_key, float(got["seconds"]), method.setup_seconds()
 
@@ -558,17 +638,21 @@ def _sanity_rows(job: Job, store: ChunkStore, part: Part, names: list[str], n: i
     Both are computed here under one private seed, so a method's own randomness is the same
     on the trained and the randomised model (the run's maps were drawn with another state).
     """
-    cfg, adapter, options = job.cfg, job.run.adapter, job.method_options
+    cfg, adapter = job.cfg, job.run.adapter
     images, target, dataset = job.images[:n], job.target[:n], job.run.dataset
     stages = randomisation_stages(adapter)
+    retrained = {m: _retrained(job, m) for m in names}
     key = {"kind": "sanity", **job.data_key, "images": n, "seed": cfg.seed, "stages": stages,
            "sanity_code": source_digest("bench/sanity.py"),
-           "methods": {m: {"options": options.get(m, {}), "code": file_digest(inspect.getsourcefile(
-               type(job.instances[m]) if m in job.instances else METHODS.get(m)))} for m in names}}
+           "methods": {m: {"options": job.options(m, job.variants(m)[0]), "retrained": retrained[m],
+                           "code": file_digest(inspect.getsourcefile(
+                               type(job.instances[m]) if m in job.instances else METHODS.get(m)))}
+                       for m in names}}
+    if any(retrained.values()):
+        key["diffmask_config"] = cfg.diffmask_config  # what a retrained method trains with
 
     def compute() -> dict[str, Tensor]:
-        factories = {m: _factory(job.instances[m]) if m in job.instances
-                     else functools.partial(create_method, m, **options.get(m, {})) for m in names}
+        factories = {m: _sanity_factory(job, m) for m in names}
         with autocast(images.device, cfg.autocast):
             rho, errors = randomised_correlations(
                 adapter, factories, images, target, cfg.seed, job.run.progress, cfg.batch_size,
@@ -581,15 +665,46 @@ def _sanity_rows(job: Job, store: ChunkStore, part: Part, names: list[str], n: i
     base = {**job.base, "images": n}
     none = torch.full((len(skipped), len(stages), n), float("nan"))
     rows = sanity_rows(none, list(skipped), stages, base, cfg.seed, not_applicable=skipped)
-    if not names:
-        return rows
-    return sanity_rows(store.get(key, compute)["spearman"], names, stages, base, cfg.seed) + rows
+    if names:
+        rows = sanity_rows(store.get(key, compute)["spearman"], names, stages, base, cfg.seed) + rows
+    return [{**r, "retrained": retrained.get(r["method"], "")} for r in rows]
 
 
-def _factory(method: Method) -> Callable[[Any], Method]:
-    """Makes ``method`` again for another model, with its own options (the sanity check)."""
-    options = {k: v for k, v in method.config().items() if k != "name"}
-    return lambda adapter: type(method)(adapter, **options)
+def _sanity_skip(job: Job, name: str) -> str:
+    """Why the sanity check does not apply to method ``name`` ("" when it does)."""
+    cls = METHODS.get(name)
+    if not getattr(cls, "sanity_checkable", True):
+        return cls.sanity_note
+    if getattr(cls, "trained", False) and job.cfg.sanity_train_steps == 0:
+        return ("trained for the original model, and retraining it for each randomised copy is "
+                "switched off (sanity_train_steps = 0)")
+    return ""
+
+
+def _retrained(job: Job, name: str) -> str:
+    """How a trained method is retrained for the check ("" for the others)."""
+    if name in job.instances or not getattr(METHODS.get(name), "trained", False):
+        return ""
+    variant = job.variants(name)[0]
+    against = f", against {variant.operator}" if variant.operator else ""
+    return f"{job.cfg.sanity_train_steps} steps{against}"
+
+
+def _sanity_factory(job: Job, name: str) -> Callable[[Any], Method]:
+    """Makes method ``name`` for another model (the check's trained and randomised models):
+    with its own options, and a trained method retrained for that model (its first variant:
+    the first operator it is trained for, the first seed)."""
+    if name in job.instances:
+        method = job.instances[name]
+        options = {k: v for k, v in method.config().items() if k != "name"}
+        return lambda adapter: type(method)(adapter, **options)
+    variant = job.variants(name)[0]
+    options = job.options(name, variant)
+    cls = METHODS.get(name)
+    if not getattr(cls, "trained", False):
+        return functools.partial(create_method, name, **options)
+    run = job.run.for_operator(variant.operator, job.operators.get(variant.operator), variant.seed)
+    return lambda adapter: create_method(name, adapter, **cls.options_for_model(run, dict(options), adapter))
 
 
 GROUND_TRUTH = "ground-truth mask"
@@ -650,13 +765,15 @@ def _merge(parts: list[dict[str, Any]], cfg: BenchConfig, sample_ids: dict[str, 
                             ["curve", "quantity"], "step") if frames else pd.DataFrame())
     keys = ["dataset", "method", "operator"]
     timing = ok(pd.DataFrame([t for p in parts for t in p["timing"]],
-                             columns=[*keys, "ms_per_image", "images", "setup_seconds"]))
+                             columns=[*keys, "ms_per_image", "images", "setup_seconds", "seeds"]))
     timing["ms"] = timing["ms_per_image"] * timing["images"]
     timing["operator"] = timing["operator"].astype(object).fillna("")  # "": one instance for all
     timing_df = timing.groupby(keys, sort=False, as_index=False, dropna=False).agg(
-        ms=("ms", "sum"), images=("images", "sum"), setup_seconds=("setup_seconds", "max"))
+        ms=("ms", "sum"), images=("images", "sum"), setup_seconds=("setup_seconds", "max"),
+        seeds=("seeds", "max"))
     timing_df["ms_per_image"] = timing_df["ms"] / timing_df["images"]
-    return scores_df, curves_df, timing_df[[*keys, "ms_per_image", "setup_seconds", "images"]], failures_df
+    return (scores_df, curves_df, timing_df[[*keys, "ms_per_image", "setup_seconds", "images", "seeds"]],
+            failures_df)
 
 
 def _canonical(df: pd.DataFrame, cfg: BenchConfig, sample_ids: dict[str, list[int]],

@@ -30,6 +30,8 @@ class Cell:
         mark: The cell's verdict, one of :data:`MARKS`; ``best`` numbers are shown in bold.
         suffix: A sign after the number, e.g. ``"≈"`` (tie) or ``"×"``; in HTML it sits in a
             column of its own so that the numbers stay aligned.
+        seeds: ``(low, high, n)``: the range of the value over n training seeds, shown after
+            the interval, or None.
     """
 
     value: float | int | str | None
@@ -38,6 +40,7 @@ class Cell:
     high: float | None = None
     mark: str = ""
     suffix: str = ""
+    seeds: tuple[float, float, int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("value", "low", "high"):  # numpy scalars -> Python numbers
@@ -70,13 +73,21 @@ class Cell:
         return f"[{format(self.low, self.fmt)}, {format(self.high, self.fmt)}]"
 
     @property
+    def seed_range(self) -> str:
+        """``"seeds 3: 0.751–0.770"`` in the value's format, or ``""``."""
+        if self.seeds is None:
+            return ""
+        low, high, n = self.seeds
+        return f"seeds {n}: {format(low, self.fmt)}–{format(high, self.fmt)}"
+
+    @property
     def bold(self) -> bool:
         return self.mark == "best" and self.numeric
 
     def text(self, bold: str = "") -> str:
         """Plain text of the cell; ``bold`` (e.g. ``"**"``) wraps the number of a best cell."""
         number = f"{bold}{self.number}{bold}" if self.bold and bold else self.number
-        return " ".join(part for part in (number, self.interval, self.suffix) if part)
+        return " ".join(part for part in (number, self.interval, self.seed_range, self.suffix) if part)
 
 
 def cell(value: Any) -> Cell:

@@ -43,6 +43,9 @@ class Method:
             run makes one instance per operator, through ``options_from_run`` with
             ``run.operator`` set, and scores each under its own operator (the others are
             reported as a transfer table).
+        trained: It trains an artifact from a seed (e.g. DiffMask's explainer): the run
+            makes one instance per seed in ``cfg.train_seeds`` (``run.train_seed`` set),
+            scores each, and reports their mean per image with the range over seeds.
         chance_control: Its maps carry no information about the model (a chance level):
             normalised scores put it at 0, and the metric check compares the ground-truth
             mask with it. The run uses the first such method it scores.
@@ -57,6 +60,7 @@ class Method:
     sanity_checkable = True
     chance_control = False
     trained_for_operator = False
+    trained = False
     sanity_note = ""  # why the sanity check does not apply, when sanity_checkable is False
 
     @classmethod
@@ -68,6 +72,21 @@ class Method:
         Args:
             run: The run (seed, config, model, dataset, shared artifacts).
             options: The user's options (``method_options.<name>``), a copy.
+        """
+        return options
+
+    @classmethod
+    def options_for_model(cls, run: RunContext, options: dict[str, Any], adapter: Any) -> dict[str, Any]:
+        """The options to create this method with for another model, ``adapter`` (the
+        sanity check's randomised copies, and the trained model checked the same way). The
+        default is the run's options: the maps are recomputed on the other model. A trained
+        method (``trained``) retrains its artifact for ``adapter`` here, so that the check
+        never reuses one trained for another model.
+
+        Args:
+            run: The run, as for ``options_from_run`` (with the instance's operator and seed).
+            options: The options the run created the method with.
+            adapter: The model to explain.
         """
         return options
 

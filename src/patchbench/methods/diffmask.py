@@ -9,6 +9,7 @@ deterministic pass: the map is the probability that every gate keeps the patch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -133,11 +134,7 @@ class DiffMask(Method):
     name = "diffmask"
     needs_tokens = True
     trained_for_operator = True
-    # reusing the explainer trained on the original model would fail the check by
-    # construction; retraining it on every randomised copy costs a full training per stage
-    sanity_checkable = False
-    sanity_note = ("an explainer trained for the original model; retraining it on each "
-                   "randomised copy (one training per stage and operator) is not run")
+    trained = True
 
     @classmethod
     def options_from_run(cls, run: Any, options: dict[str, Any]) -> dict[str, Any]:
@@ -148,16 +145,29 @@ class DiffMask(Method):
         from patchbench.methods.diffmask_train import train_for_run, trained_against, untrained_for_run
 
         against, fresh = trained_against(run.operator), False
+        seed = run.seed if run.train_seed is None else run.train_seed
         if options.get("checkpoint") is None:
             # timing only: the cost of a pass does not depend on the gates' weights
             make = untrained_for_run if run.timing_only else train_for_run
-            key = f"diffmask:{against.name if against is not None else 'placeholder'}"
+            key = f"diffmask:{against.name if against is not None else 'placeholder'}:{seed}"
             path, fresh = run.memo(key, lambda: make(run))
             options["checkpoint"] = str(path)
         record = {"checkpoint": options["checkpoint"], **diffmask_meta(options["checkpoint"]),
                   "trained_in_this_run": fresh}
-        run.meta.setdefault("diffmask", {})[run.operator_name or "placeholder"] = record
+        name = (run.operator_name or "placeholder") + (f", seed {seed}" if seed != run.seed else "")
+        run.meta.setdefault("diffmask", {})[name] = record
         return options
+
+    @classmethod
+    def options_for_model(cls, run: Any, options: dict[str, Any], adapter: Any) -> dict[str, Any]:
+        """An explainer trained for ``adapter`` (the sanity check's randomised copies, and the
+        trained model), against the same removal, for ``run.cfg.sanity_train_steps`` steps:
+        reusing the one trained for the original model would fail the check by construction.
+        Cached by the model's weights, like every explainer."""
+        from patchbench.methods.diffmask_train import train_for_run
+
+        path, _ = train_for_run(dataclasses.replace(run, adapter=adapter), steps=run.cfg.sanity_train_steps)
+        return {**options, "checkpoint": str(path)}
 
     def __init__(self, adapter: ViTAdapter, checkpoint: str | None = None) -> None:
         super().__init__(adapter)

@@ -32,6 +32,8 @@ from patchbench.models.adapter import ViTAdapter
 from patchbench.models.removal import OPERATORS, RemovalOperator
 from patchbench.utils import atomic_path, cache_dir, file_digest, load_cached, stable_hash, weights_digest
 
+N_TRAIN = 20_000  # training images an explainer draws its batches from
+
 
 @dataclass(frozen=True)
 class DiffMaskConfig:
@@ -355,34 +357,43 @@ def save_explainer(path: str | Path, explainer: DiffMaskExplainer, adapter: ViTA
 
 
 def train_or_load(adapter: ViTAdapter, dataset: str, cfg: DiffMaskConfig | None = None,
-                  n_train: int = 20_000, progress: bool = True, data_root: str | None = None,
-                  dataset_options: dict[str, Any] | None = None, removal: Any = None) -> Path:
+                  n_train: int = N_TRAIN, progress: bool = True, data_root: str | None = None,
+                  dataset_options: dict[str, Any] | None = None, removal: Any = None,
+                  data_seed: int | None = None) -> Path:
     """The cached explainer for (model, dataset, config, removal), trained on the train split
     first if missing. Returns the checkpoint path; the training log is saved beside it (``.csv``).
 
     ``removal`` is the operator trained against (its relaxation); None: the learned
     placeholder. The checkpoint's metadata holds the training time and the removal.
+    ``data_seed`` picks the training images (default ``cfg.seed``): a run passes its own
+    seed, so that explainers trained with other seeds see the same images.
 
     Synthetic datasets are generated in memory; datasets on disk (``data_root``) are read
     batch by batch (:class:`PreparedImages`). An ``imagefolder`` has no split of its own:
     ``data_root`` must then be a training folder, not the evaluated one.
     """
     cfg = cfg or DiffMaskConfig()
+    data_seed = cfg.seed if data_seed is None else data_seed
     on_disk = issubclass(DATASETS.get(dataset), FileDataset)
     source = {"data_root": str(Path(data_root).resolve()) if data_root else None, "n_train": n_train,
               **(dataset_options or {})} if on_disk else None
+    if not on_disk and n_train != N_TRAIN:
+        source = {"n_train": n_train}
+    if data_seed != cfg.seed:
+        source = {**(source or {}), "data_seed": data_seed}
     removal_config = removal.config() if removal is not None else None
-    path = checkpoint_path(adapter.key, dataset, cfg, source, removal_config, weights_digest(adapter.model))
+    weights = weights_digest(adapter.model)
+    path = checkpoint_path(adapter.key, dataset, cfg, source, removal_config, weights)
     if load_cached(path, ("explainer", "meta"), "DiffMask explainer") is not None:
         return path
     truth = None
     if on_disk:
-        train = create_dataset(dataset, "train", data_root=data_root, limit=n_train, seed=cfg.seed,
+        train = create_dataset(dataset, "train", data_root=data_root, limit=n_train, seed=data_seed,
                                **(dataset_options or {}))
         train.transform = adapter.pixel_transform()  # as the benchmark reads its images
         images: Tensor | PreparedImages = PreparedImages(train, adapter)
     else:
-        train = create_dataset(dataset, "train", size=n_train, seed=cfg.seed)
+        train = create_dataset(dataset, "train", size=n_train, seed=data_seed)
         pixels, _, masks = train.tensors()
         images = adapter.prepare(pixels)
         if masks.any() and tuple(pixels.shape[-2:]) == adapter.img_size:
@@ -391,17 +402,22 @@ def train_or_load(adapter: ViTAdapter, dataset: str, cfg: DiffMaskConfig | None 
     explainer, log = train_diffmask(adapter, images, cfg, path.with_suffix(".csv"), progress, removal, truth)
     last = log[-max(1, len(log) // 10):]
     save_explainer(path, explainer, adapter, dataset, cfg, {
-        "removal": removal_config or {"name": "placeholder (learned)"},
+        "removal": removal_config or {"name": "placeholder (learned)"}, "weights_digest": weights,
         "train_seconds": round(time.perf_counter() - start, 1),
         "final_kl": sum(r["kl"] for r in last) / len(last),
         "final_kept": sum(r["kept"] for r in last) / len(last)})
     return path
 
 
-def train_for_run(run: Any) -> tuple[Path, bool]:
+def train_for_run(run: Any, steps: int | None = None) -> tuple[Path, bool]:
     """The explainer for a run's model, dataset and removal operator (``run.operator``; see
     :func:`train_or_load`), trained by one process per node; its training log is added to the
     run folder's files.
+
+    Args:
+        run: The run context (its adapter, dataset, operator and ``train_seed``).
+        steps: Train for this many steps instead of the config's (the sanity check's short
+            retraining); its log then stays beside the checkpoint in the cache.
 
     Returns:
         The checkpoint, and whether it was trained now (False: it came from the cache).
@@ -411,16 +427,21 @@ def train_for_run(run: Any) -> tuple[Path, bool]:
         raise ValueError(f"DiffMask trains on a train split, and {run.dataset} has none: give "
                          "--train-data-root (e.g. ImageNet's train/ folder), or a trained explainer "
                          "in method_options.diffmask.checkpoint")
-    dm_cfg = DiffMaskConfig(**{"seed": cfg.seed, **cfg.diffmask_config})
+    seed = cfg.seed if run.train_seed is None else run.train_seed
+    dm_cfg = DiffMaskConfig(**{"seed": seed, **cfg.diffmask_config, **({"steps": steps} if steps else {})})
     removal = trained_against(run.operator)
     started = time.time()
     with run.once_per_node():
-        path = train_or_load(run.adapter, run.dataset, dm_cfg, progress=run.progress,
+        # a short retraining reads only as many training images as it draws
+        n_train = min(N_TRAIN, steps * dm_cfg.batch_size) if steps else N_TRAIN
+        path = train_or_load(run.adapter, run.dataset, dm_cfg, n_train=n_train, progress=run.progress,
                              data_root=cfg.train_data_root or cfg.data_root,
                              dataset_options=cfg.dataset_options.get(run.dataset, {}),
-                             removal=removal)
-    name = removal.name if removal is not None else "placeholder"
-    run.files[f"diffmask_train_{run.dataset}_{name}.csv"] = path.with_suffix(".csv")
+                             removal=removal, data_seed=cfg.seed)
+    if steps is None:
+        name = removal.name if removal is not None else "placeholder"
+        name += f"_seed{seed}" if seed != cfg.seed else ""
+        run.files[f"diffmask_train_{run.dataset}_{name}.csv"] = path.with_suffix(".csv")
     return path, path.stat().st_mtime >= started
 
 
