@@ -38,8 +38,8 @@ def test_run_writes_all_files(two_runs):
     scores = pd.read_csv(root / "a" / "scores.csv")
     assert list(scores.columns) == ["model", "dataset", "method", "operator", "metric",
                                     "sample_id", "value"]
-    # one row per image per metric: 3 methods x (7 scores x 2 operators + 3 localisation scores)
-    assert len(scores) == 12 * 3 * (7 * 2 + 3)
+    # one row per image per metric: 3 methods x (16 scores x 2 operators + 3 localisation scores)
+    assert len(scores) == 12 * 3 * (16 * 2 + 3)
     assert scores.groupby(["method", "operator", "metric"]).size().eq(12).all()
     curves = pd.read_csv(root / "a" / "curves.csv.gz")
     assert set(curves.curve) == {"deletion", "insertion", "lerf"}

@@ -24,9 +24,11 @@ from patchbench.registry import UnknownNameError
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "src" / "patchbench" / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.toml"))
-EXPECTED = {"default", "paper-cifar10", "paper-imagenet", "ours", "ci"}
+EXPECTED = {"default", "paper-cifar10", "paper-imagenet", "ours", "ci", "chefer-imagenet",
+            "attnlrp-imagenet", "operators"}
 PAPER_MODELS = {"paper-cifar10": "hf:tanlq/vit-base-patch16-224-in21k-finetuned-cifar10",
                 "paper-imagenet": "hf:google/vit-base-patch16-224"}
+PROTOCOLS = ("chefer-imagenet", "attnlrp-imagenet")
 HALF = (0.5, 0.5, 0.5)
 
 
@@ -119,7 +121,7 @@ def test_unknown_config_name_lists_the_available_ones(in_repo):
         read_config("paper-cifar100")
     message = str(e.value)
     assert "paper-cifar100" in message
-    assert "default, ours, paper-cifar10, paper-imagenet" in message
+    assert "default, operators, ours, paper-cifar10, paper-imagenet" in message
 
 
 def test_unknown_operator_in_operator_options_fails_validation(tmp_path):
@@ -284,7 +286,7 @@ def test_shortened_paper_cifar10_config_runs_end_to_end(tmp_path, monkeypatch, o
     curves = pd.read_csv(run_dir / "curves.csv.gz")
     assert set(curves.operator) == {"noise"}
     points = curves.groupby(["method", "curve", "quantity", "sample_id"]).size()
-    assert len(points) == 3 * 3 * 2 * 6 and points.eq(5).all()  # steps 4: five points per curve
+    assert len(points) == 3 * 3 * 4 * 6 and points.eq(5).all()  # 4 quantities, steps 4: five points
     assert sorted(curves.x.unique().tolist()) == [0, 0.25, 0.5, 0.75, 1]
 
 
@@ -305,3 +307,78 @@ def test_every_setting_is_one_option_and_every_option_a_setting():
         ("a", "b"), 3, True, ["x.py", "y.py"], 9)
     with pytest.raises(ValueError, match="overwrite must be one of never, missing, always, got 'x'"):
         BenchConfig(overwrite="x").validate()
+
+
+# ---- the literature's protocols -----------------------------------------------------------------
+
+def test_protocol_configs_encode_the_published_setups():
+    chefer = BenchConfig(**read_config(CONFIG_DIR / "chefer-imagenet.toml"))
+    assert chefer.operators == ("zero",) and chefer.steps == 10 and chefer.target == "label"
+    assert chefer.scores == ("chefer_negative", "chefer_positive")
+    x = step_counts(196, chefer.steps).float() / 196  # ViT-B/16 at 224: 196 patches
+    assert (x - torch.arange(11) / 10).abs().max() <= 0.5 / 196  # 0, 10, ..., 100% to a patch
+    attnlrp = BenchConfig(**read_config(CONFIG_DIR / "attnlrp-imagenet.toml"))
+    assert attnlrp.operators == ("zero_embedding",) and attnlrp.scores[0] == "srg_logit"
+    assert {"attnlrp", "lrp"} <= set(attnlrp.methods) and "attnlrp" in chefer.methods
+
+
+def test_protocol_scores_against_a_hand_calculation():
+    from patchbench.metrics.faithfulness import Curves
+    from patchbench.metrics.functional import auc
+    from patchbench.metrics.scores import faithfulness_scores
+
+    x = torch.arange(11) / 10
+    hits = torch.tensor([[1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0], [1.0] * 11])  # two images
+    kept = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0], [1.0] * 11])
+    logit_del = torch.tensor([[6.0, 4, 2, 1, 0, 0, 0, 0, 0, 0, -1]] * 2)
+    logit_lerf = torch.tensor([[6.0, 6, 6, 6, 5, 5, 4, 3, 2, 1, -1]] * 2)
+    other = {"deletion": hits, "lerf": kept}  # p and KL play no part here
+    curves = Curves(x, prob=other, kl=other, logit={"deletion": logit_del, "lerf": logit_lerf},
+                    correct={"deletion": hits, "lerf": kept})
+    got = faithfulness_scores(curves)
+    # trapezoids of 0.1 from 0 to 0.9: (1 + 1 + .5 + .5 + .5) * .1 = .35 -> 35; all hits: 90
+    assert got["chefer_positive"].tolist() == pytest.approx([35.0, 90.0])
+    # (8 ones, then (1 + 0) / 2) * .1 = .85 -> 85
+    assert got["chefer_negative"].tolist() == pytest.approx([85.0, 90.0])
+    # the AUC of the mean accuracy curve equals the mean of the per-image AUCs (published way)
+    assert 100 * auc(x, hits.mean(0), upto=0.9).item() == pytest.approx(got["chefer_positive"].mean().item())
+    # area between LeRF and MoRF logit curves over [0, 1]: sums of the trapezoids by hand
+    lerf = (6 + 6 + 6 + 5.5 + 5 + 4.5 + 3.5 + 2.5 + 1.5 + 0) * 0.1
+    morf = (5 + 3 + 1.5 + 0.5 + 0 + 0 + 0 + 0 + 0 - 0.5) * 0.1
+    assert got["srg_logit"].tolist() == pytest.approx([lerf - morf] * 2)
+    # a grid that misses 0.9 is interpolated there
+    grid = torch.tensor([0, 0.5, 1.0])
+    assert auc(grid, torch.tensor([1.0, 0.0, 0.0]), upto=0.9).item() == pytest.approx(0.25)
+    assert auc(grid, torch.tensor([1.0, 1.0, 0.0]), upto=0.9).item() == pytest.approx(0.5 + 0.4 * 1.2 / 2)
+
+
+@pytest.mark.parametrize("name", PROTOCOLS)
+def test_protocol_config_runs_end_to_end(name, tmp_path, monkeypatch, one_thread):
+    transformers = pytest.importorskip("transformers")
+    from test_files import write_folder
+
+    monkeypatch.setenv("PATCHBENCH_CACHE", str(tmp_path / "cache"))
+    vit_cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(vit_cfg).eval().save_pretrained(tmp_path / "vit")
+    write_folder(tmp_path / "val", per_class=3, size=(32, 32))
+    values = read_config(CONFIG_DIR / f"{name}.toml")
+    values.update(model=f"hf:{tmp_path / 'vit'}", data_root=str(tmp_path / "val"), n_images=6,
+                  results_dir=str(tmp_path / "results"), methods=("random", "attnlrp"), batch_size=3)
+    out = runner.run_benchmark(BenchConfig(**values), progress=False)
+    assert out["failures"] == []
+    scores = out["scores"]
+    shown = values["scores"]
+    assert set(shown) <= set(scores.metric) and scores[scores.metric.isin(shown)].value.notna().all()
+    board = (tmp_path / "results" / name / "leaderboard.md").read_text()
+    header = next(line for line in board.splitlines() if line.startswith("| method"))
+    from patchbench.metrics.scores import score
+
+    # the protocol's scores, in its order, each with its unit; nothing else
+    columns = [c.strip() for c in header.strip("|").split("|")][1:1 + len(shown)]
+    assert [c.split(" ")[0] for c in columns] == [score(s).label.split(" ")[0] for s in shown]
+    assert all(f"[{score(s).unit}]" in c for s, c in zip(shown, columns))
+    if name == "chefer-imagenet":
+        values = scores[scores.metric == "chefer_negative"].value
+        assert values.between(0, 90).all()

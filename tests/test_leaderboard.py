@@ -95,7 +95,7 @@ def test_ground_truth_check_flags_a_metric_that_cannot_tell_the_mask_from_random
     assert ground_truth_check(good, scores, None).empty  # no chance control, no check
     flagged = ground_truth_check(blind, scores, "random")
     tables = leaderboard_tables(summarise(scores), flagged=flagged)
-    assert "SRG ↑ ⚠" in tables[0].header
+    assert "SRG ↑ [p] ⚠" in tables[0].header
 
 
 def test_localisation_scores_get_their_own_table_and_rows():

@@ -53,6 +53,8 @@ def test_project_registries_are_populated():
     from patchbench.methods import list_methods
     from patchbench.models import list_operators
 
-    assert {"random", "rollout", "gradcam", "integrated_gradients", "attention"} <= set(list_methods())
+    assert {"random", "rollout", "gradcam", "integrated_gradients", "attention", "attnlrp", "lrp",
+            "libragrad"} <= set(list_methods())
     assert {"toy-count", "glyphs"} <= set(list_datasets())
-    assert set(list_operators()) == {"mean", "zero", "blur", "noise", "drop", "placeholder"}
+    assert set(list_operators()) == {"mean", "zero", "blur", "noise", "drop", "placeholder", "road",
+                                     "inpaint", "zero_embedding"}

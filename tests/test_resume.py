@@ -90,7 +90,7 @@ def test_failing_methods_are_isolated(tmp_path, glyphs_model, one_thread, fake_m
     run_dir = tmp_path / "iso"
     scores = pd.read_csv(run_dir / "scores.csv")
     assert set(scores.method) == {"random", "rollout"}
-    assert len(scores) == 6 * 2 * (7 + 3)  # two methods, 7 curve scores under one operator + 3 localisation
+    assert len(scores) == 6 * 2 * (16 + 3)  # two methods, 16 curve scores under one operator + 3 localisation
     failed = pd.read_csv(run_dir / "failures.csv")
     assert list(failed.columns) == ["dataset", "method", "error"]
     assert set(failed.method) == {"boom", "nanny"}
@@ -394,7 +394,7 @@ def test_regression_trips_on_a_degraded_method(tiny_config, glyphs_model, one_th
     table = regress(str(config), refs, update=True, **kw)
     saved = json.loads((refs / "tiny.json").read_text())
     assert saved["config"] == "tiny" and saved["tolerance"] == tolerances()
-    assert saved["n_scores"] == len(saved["scores"]) == len(table) == 2 * (7 + 3)
+    assert saved["n_scores"] == len(saved["scores"]) == len(table) == 2 * (16 + 3)
     assert "glyphs/mean/rollout/srg" in saved["scores"] and "glyphs/-/random/auroc" in saved["scores"]
     assert (table.status == "ok").all()
 
@@ -428,7 +428,7 @@ def test_reference_without_tolerance_uses_the_default(tiny_config, glyphs_model,
     message = str(err.value)
     assert all(f"{name} {allowed}" in message for name, allowed in tolerances().items())
     rows = [line for line in message.splitlines() if line.startswith("| glyphs/")]
-    assert len(rows) == 2 * (7 + 3) and all(line.endswith("| new |") for line in rows)
+    assert len(rows) == 2 * (16 + 3) and all(line.endswith("| new |") for line in rows)
 
 
 def test_compare_verdicts():

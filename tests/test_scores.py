@@ -17,13 +17,17 @@ from patchbench.models import create_operator
 
 def test_every_score_is_fully_declared():
     names = [s.name for s in scores()]
-    assert names[:1] == ["srg"] and len(names) == len(set(names)) == 10
+    assert names[:1] == ["srg"] and len(names) == len(set(names)) == 19
     for s in scores():
         assert s.label and s.description and s.family in ("faithfulness", "localisation")
         assert s.tolerance > 0 and isinstance(s.higher_is_better, bool)
     assert {s.name for s in scores("localisation")} == {"auroc", "pointing_game", "relevance_mass"}
-    assert [s.name for s in scores("faithfulness") if not s.column] == ["insertion_prob_auc",
-                                                                        "insertion_kl_auc"]
+    # shown by default: SRG and the deletion and LeRF AUCs of p and KL (LeRF = insertion)
+    assert [s.name for s in scores("faithfulness") if s.column] == [
+        "srg", "deletion_prob_auc", "lerf_prob_auc", "deletion_kl_auc", "lerf_kl_auc"]
+    units = {s.name: s.unit for s in scores()}
+    assert units["srg"] == "p" and units["deletion_kl_auc"] == "nats" and units["srg_logit"] == "logit"
+    assert units["chefer_negative"] == "acc × 100" and units["auroc"] == ""
     with pytest.raises(Exception, match="Did you mean 'srg'"):
         score("sgr")
 
@@ -41,8 +45,9 @@ def test_faithfulness_scores_against_the_curves_by_hand(tiny, no_grad):
         torch.testing.assert_close(got[f"{curve}_prob_auc"], auc(c.x, c.prob[curve]))
         torch.testing.assert_close(got[f"{curve}_kl_auc"], auc(c.x, c.kl[curve]))
     torch.testing.assert_close(got["srg"], got["lerf_prob_auc"] - got["deletion_prob_auc"])
-    only = Curves(c.x, {"deletion": c.prob["deletion"]}, {"deletion": c.kl["deletion"]})
-    assert set(only.scores()) == {"deletion_prob_auc", "deletion_kl_auc"}  # SRG needs LeRF
+    only = Curves(c.x, *({"deletion": getattr(c, q)["deletion"]} for q in ("prob", "kl", "logit", "correct")))
+    assert set(only.scores()) == {"deletion_prob_auc", "deletion_kl_auc", "deletion_logit_auc",
+                                  "deletion_correct_auc", "chefer_positive"}  # SRG needs LeRF
 
 
 PLUGIN = """\

@@ -33,8 +33,11 @@ def test_deletion_only_equals_the_deletion_of_all_curves(tiny):
     ref = prepare_reference(tiny, op, images, torch.arange(4))
     every = faithfulness_curves(tiny, op, images, target, maps, ref, steps=5)
     only = faithfulness_curves(tiny, op, images, target, maps, ref, steps=5, curves=("deletion",))
-    assert set(only.prob) == {"deletion"} and set(only.scores()) == {"deletion_prob_auc", "deletion_kl_auc"}
-    assert torch.equal(only.prob["deletion"], every.prob["deletion"])
+    assert set(only.prob) == {"deletion"} and set(only.scores()) == {
+        "deletion_prob_auc", "deletion_kl_auc", "deletion_logit_auc", "deletion_correct_auc",
+        "chefer_positive"}
+    for quantity in ("prob", "kl", "logit", "correct"):
+        assert torch.equal(getattr(only, quantity)["deletion"], getattr(every, quantity)["deletion"])
     lerf = faithfulness_curves(tiny, op, images, target, maps, ref, steps=5, curves=("lerf",))
     assert torch.equal(lerf.kl["lerf"], every.kl["lerf"])
     with pytest.raises(ValueError, match="valid curves"):

@@ -43,7 +43,7 @@ _API = {
     "register_score": "patchbench.metrics",
     "faithfulness_curves": "patchbench.metrics",
     "prepare_reference": "patchbench.metrics",
-    "log_probs": "patchbench.metrics",
+    "clean_logits": "patchbench.metrics",
     "check_method": "patchbench.testing",
 }
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 DEFAULT_METHODS = ("random", "centre", "constant", "attention", "rollout", "chefer", "gradcam",
-                   "integrated_gradients", "smoothgrad", "occlusion", "rise", "diffmask")
+                   "integrated_gradients", "smoothgrad", "occlusion", "rise", "attnlrp", "diffmask")
 
 
 def setting(default: Any = None, help: str = "", *, flags: tuple[str, ...] = (),
@@ -55,6 +55,9 @@ class BenchConfig:
     datasets: tuple[str, ...] = setting(("glyphs", "toy-count"), "comma-separated dataset names")
     methods: tuple[str, ...] = setting(DEFAULT_METHODS, "comma-separated method names or wildcards")
     operators: tuple[str, ...] = setting(("mean", "drop"), "comma-separated removal operators")
+    scores: tuple[str, ...] = setting((), "comma-separated scores shown as leaderboard columns, in "
+                                      "order (default: SRG and the p and KL AUCs; AUROC, pointing "
+                                      "game and mass); scores.csv always has them all")
     n_images: int = setting(200, "images per dataset, stratified over classes",
                             flags=("--n-images", "--limit"))
     steps: int | None = setting(16, "steps per curve, 0 = one per patch")
@@ -144,6 +147,7 @@ class BenchConfig:
         from patchbench.datasets import DATASETS
         from patchbench.methods import METHODS
         from patchbench.methods.diffmask_train import DiffMaskConfig
+        from patchbench.metrics.scores import SCORES
         from patchbench.models import MODELS, OPERATORS
 
         if self.model not in MODELS and not self.model.startswith("hf:") and self.model not in given:
@@ -151,6 +155,8 @@ class BenchConfig:
 
             if not timm.is_model(self.model):
                 MODELS.get(self.model)  # raises, listing the embedded models
+        for name in self.scores:
+            SCORES.get(name)  # raises, listing the valid names
         for names, registry in ((self.datasets, DATASETS), (self.methods, METHODS),
                                 (self.operators, OPERATORS)):
             for name in names:

@@ -20,7 +20,7 @@ from scipy import stats
 from patchbench.bench.report import Gallery, Section
 from patchbench.bench.tables import Cell, Table, markdown
 from patchbench.log import get_logger
-from patchbench.metrics.scores import MAIN_SCORE, score, scores
+from patchbench.metrics.scores import MAIN_SCORE, score, scores, shown
 from patchbench.metrics.stats import bootstrap_ci, holm, normalise, paired_test, rank_agreement
 from patchbench.utils import make_temp_dir
 
@@ -37,6 +37,10 @@ CELL_NOTE = ("Cells: mean [95% bootstrap CI over images]; a method trained from 
              "(`seeds 3: low–high`). **Bold**: the best mean in the column; ≈: not "
              "significantly different from it (Wilcoxon signed-rank over the same images, "
              f"Holm-corrected within the column, α = {ALPHA}); other cells are significantly worse.")
+UNIT_NOTE = ("Units in brackets: an AUC integrates that quantity over the fraction of patches "
+             "removed, x in [0, 1] (p: probability of the target class; nats: KL(p_clean ‖ p); "
+             "logit: the target's logit; acc: top-1 correct, 0 or 1), so its value is in those "
+             "units; Chefer's perturbation scores are 100 × the AUC of accuracy over x in [0, 0.9].")
 NORM_NOTE = ("Normalised: (score - random) / (best - random), so the `random` control is 0 and "
              "the best method in the column 1; below 0 is worse than random; – where random is "
              "the best (nothing to normalise by).")
@@ -267,7 +271,7 @@ def report_sections(cfg: Any, summary: pd.DataFrame, timing: pd.DataFrame, failu
         CELL_NOTE.replace("**Bold**", "Bold"), AUC_NOTE])]
     if len(summary):
         sections.append(Section("Leaderboards", tables=leaderboard_tables(summary, timing, failures,
-                                                                          flagged)))
+                                                                          flagged, cfg.scores)))
     elif len(failures):
         rows = [[f.dataset, f.method, Cell(str(f.error), mark="fail")] for f in failures.itertuples()]
         sections.append(Section("Leaderboards", ["Every method failed; nothing was scored."],
@@ -299,12 +303,14 @@ def _cell(c: pd.Series) -> Cell:
 
 
 def _header(metric: str) -> str:
-    return f"{score(metric).label} {'↑' if score(metric).higher_is_better else '↓'}"
+    """``label ↑`` or ``label ↓``, then the unit in brackets (e.g. ``Del KL ↑ [nats]``)."""
+    s = score(metric)
+    return f"{s.label} {'↑' if s.higher_is_better else '↓'}" + (f" [{s.unit}]" if s.unit else "")
 
 
 def leaderboard_tables(summary: pd.DataFrame, timing: pd.DataFrame | None = None,
-                       failures: pd.DataFrame | None = None, flagged: pd.DataFrame | None = None
-                       ) -> list[Table]:
+                       failures: pd.DataFrame | None = None, flagged: pd.DataFrame | None = None,
+                       selection: tuple[str, ...] = ()) -> list[Table]:
     """Leaderboards: per (dataset, model, operator) the faithfulness scores, best first, then
     per (dataset, model) the ground-truth localisation scores.
 
@@ -314,6 +320,7 @@ def leaderboard_tables(summary: pd.DataFrame, timing: pd.DataFrame | None = None
         failures: Optional ``dataset, method, error`` rows, shown as ``failed: <reason>`` rows.
         flagged: Optional ``dataset, operator, metric`` rows of metrics that failed the
             ground-truth check; their column headers get a ⚠.
+        selection: The scores to show as columns (default: those declared as columns).
     """
     failures = failures if failures is not None else pd.DataFrame(columns=["dataset", "method", "error"])
     flags = set() if flagged is None else set(zip(flagged.dataset, flagged.operator, flagged.metric))
@@ -322,7 +329,7 @@ def leaderboard_tables(summary: pd.DataFrame, timing: pd.DataFrame | None = None
     groups += list(summary[summary.operator == "-"].groupby(GROUP, sort=False))
     for (dataset, model, op), group in groups:
         faithful = op != "-"
-        wanted = [s.name for s in scores("faithfulness" if faithful else "localisation") if s.column]
+        wanted = shown("faithfulness" if faithful else "localisation", selection)
         metrics = [m for m in wanted if m in set(group.metric)]
         header = ["method", *(_header(m) + (" ⚠" if (dataset, op, m) in flags else "")
                               for m in metrics), "n"]
@@ -342,7 +349,8 @@ def leaderboard_tables(summary: pd.DataFrame, timing: pd.DataFrame | None = None
             rows.append([f.method, Cell(f"failed: {f.error}", mark="fail"), *[""] * (len(header) - 2)])
         title = (f"{dataset} · {model} · operator `{op}`" if faithful
                  else f"{dataset} · {model} · ground-truth localisation")
-        notes = [CELL_NOTE, *([_break_even_note(costs)] if amortised else [])]
+        notes = [CELL_NOTE, *([UNIT_NOTE] if faithful else []),
+                 *([_break_even_note(costs)] if amortised else [])]
         tables.append(Table(title, header, rows, notes))
     return tables
 
@@ -388,14 +396,15 @@ def _break_even_note(costs: dict[str, tuple[float, float | None, int]]) -> str:
     return "Cost: ms/img is the attribution pass alone. " + " ".join(parts)
 
 
-def normalised_tables(summary: pd.DataFrame) -> list[Table]:
-    """Per (dataset, model, operator): every faithfulness AUC normalised (random 0, best 1)."""
+def normalised_tables(summary: pd.DataFrame, selection: tuple[str, ...] = ()) -> list[Table]:
+    """Per (dataset, model, operator): the shown faithfulness scores (see
+    :func:`leaderboard_tables`) normalised (random 0, best 1)."""
     tables = []
     tied = summary[summary.operator != "-"]
     for (dataset, model, op), group in tied.groupby(GROUP, sort=False):
         if group.normalised.isna().all():  # no random control in this table
             continue
-        metrics = [s.name for s in scores("faithfulness") if s.column and s.name in set(group.metric)]
+        metrics = [m for m in shown("faithfulness", selection) if m in set(group.metric)]
         cells = group.set_index(["method", "metric"])["normalised"].dropna()
         rows = [[method, *(Cell(cells.get((method, m)), ".2f") for m in metrics)]
                 for method in _ordered(group, metrics[0])]
@@ -467,7 +476,7 @@ def stages_table(stages: list[dict[str, Any]]) -> Table:
 
 def render_markdown(summary: pd.DataFrame, timing: pd.DataFrame | None = None,
                     failures: pd.DataFrame | None = None, extra: list[Table] = (),
-                    flagged: pd.DataFrame | None = None) -> str:
+                    flagged: pd.DataFrame | None = None, selection: tuple[str, ...] = ()) -> str:
     """Markdown leaderboards (see :func:`leaderboard_tables`), then ``extra`` tables.
 
     Args:
@@ -477,16 +486,18 @@ def render_markdown(summary: pd.DataFrame, timing: pd.DataFrame | None = None,
             else was scored).
         extra: More tables (normalised scores, rank stability, sanity checks).
         flagged: Metrics that failed the ground-truth check (see :func:`leaderboard_tables`).
+        selection: The scores shown as columns (see :func:`leaderboard_tables`).
     """
     if summary.empty:
         failures = failures if failures is not None else pd.DataFrame(columns=["dataset", "method", "error"])
         lines = [f"- {f.dataset} · `{f.method}`: failed: {f.error}" for f in failures.itertuples()]
         return "\n".join([*lines, "", AUC_NOTE]) + "\n"
-    tables = [*leaderboard_tables(summary, timing, failures, flagged), *extra]
-    # the cell note once, after the leaderboards, not under each table
-    parts = [markdown(Table(t.title, t.header, t.rows, [n for n in t.notes if n != CELL_NOTE]))
+    tables = [*leaderboard_tables(summary, timing, failures, flagged, selection), *extra]
+    # the cell and unit notes once, after the leaderboards, not under each table
+    once = (CELL_NOTE, UNIT_NOTE)
+    parts = [markdown(Table(t.title, t.header, t.rows, [n for n in t.notes if n not in once]))
              for t in tables]
-    return "\n\n".join([*(part.rstrip("\n") for part in parts), CELL_NOTE, AUC_NOTE]) + "\n"
+    return "\n\n".join([*(part.rstrip("\n") for part in parts), *once, AUC_NOTE]) + "\n"
 
 
 def wide_leaderboard(summary: pd.DataFrame) -> pd.DataFrame:

@@ -54,12 +54,12 @@ from patchbench.methods import METHODS, Method, create_method, plugins
 from patchbench.methods.precomputed import register_maps_file
 from patchbench.metrics import (
     CURVES,
+    clean_logits,
     faithfulness_curves,
     localisation_scores,
-    log_probs,
     prepare_reference,
 )
-from patchbench.metrics.faithfulness import Curves
+from patchbench.metrics.faithfulness import QUANTITIES, Curves
 from patchbench.models import OPERATORS, create_operator, load_model
 from patchbench.models.adapter import NotAViTError, resize_for_model
 from patchbench.models.hub import create_model
@@ -278,8 +278,8 @@ def prepare(cfg: BenchConfig, dataset: str, device: torch.device, *, world: Worl
     budget = parse_bytes(cfg.memory_budget) if cfg.memory_budget else None
     chunk = meta["chunk_size"] = choose_chunk(adapter, images, budget, cfg.chunk_size)
     with autocast(device, cfg.autocast):
-        logp_clean = log_probs(adapter, images, chunk)
-    pred = logp_clean.argmax(1)
+        logits_clean = clean_logits(adapter, images, chunk)
+    pred = logits_clean.argmax(1)
     correct, seen = world.all_sum([(pred == labels).sum().item(), len(ids)])
     meta["eval_accuracy"] = round(correct / seen, 4)
     # each method and operator takes what it needs from the run through its own hook
@@ -292,7 +292,7 @@ def prepare(cfg: BenchConfig, dataset: str, device: torch.device, *, world: Worl
                           for m in cfg.methods if m not in given.methods}
     meta["operators"] = {name: op.config() for name, op in operators.items()}
     with part.stage(dataset, "references (clean and all-removed passes)"), autocast(device, cfg.autocast):
-        references = {name: prepare_reference(adapter, op, images, torch.tensor(ids), chunk, logp_clean)
+        references = {name: prepare_reference(adapter, op, images, torch.tensor(ids), chunk, logits_clean)
                       for name, op in operators.items()}
     data_key = {"model": meta["key"], "weights": guard.digest, "dataset": dataset,
                 "source": source, "sample_ids": stable_hash(ids, 24),
@@ -400,7 +400,7 @@ def _collect(parts: list[dict[str, Any]], cfg: BenchConfig, sample_ids: dict[str
     check_df = ground_truth_check(truth_df, scores_df, control)
     sanity_df = pd.DataFrame([r for p in parts for r in p["sanity"]])
     agreement_df = operator_agreement(summary) if len(summary) else pd.DataFrame()
-    extra = [*normalised_tables(summary)] if len(summary) else []
+    extra = [*normalised_tables(summary, cfg.scores)] if len(summary) else []
     if len(agreement_df):
         extra.append(agreement_table(agreement_df))
     if len(check_df):
@@ -412,7 +412,7 @@ def _collect(parts: list[dict[str, Any]], cfg: BenchConfig, sample_ids: dict[str
         extra += transfer_table(scores_df, transfer_df)
     flagged = check_df[check_df.verdict == "flag"]
     stages = _stages(parts)
-    return {"markdown": render_markdown(summary, timing_df, failures_df, extra, flagged),
+    return {"markdown": render_markdown(summary, timing_df, failures_df, extra, flagged, cfg.scores),
             "scores": scores_df, "curves": curves_df, "timing": timing_df, "summary": summary,
             "leaderboard": wide_leaderboard(summary) if len(summary) else pd.DataFrame(),
             "failures": failures_df.to_dict("records"), "failures_df": failures_df,
@@ -618,12 +618,11 @@ def _curve_rows(job: Job, store: ChunkStore, part: Part, maps_key: dict[str, Any
             c = faithfulness_curves(job.run.adapter, op, images, job.target, maps,
                                     job.references[op_name], cfg.steps, job.chunk,
                                     progress=job.run.progress)
-        return {"x": c.x, **{f"prob_{k}": v for k, v in c.prob.items()},
-                **{f"kl_{k}": v for k, v in c.kl.items()}}
+        return {"x": c.x, **{f"{q}_{k}": v for q in QUANTITIES for k, v in getattr(c, q).items()}}
 
     with part.stage(job.run.dataset, f"curves: {op_name}"):
         p = store.get(curves_key, score)
-    c = Curves(p["x"], {k: p[f"prob_{k}"] for k in CURVES}, {k: p[f"kl_{k}"] for k in CURVES})
+    c = Curves(p["x"], **{q: {k: p[f"{q}_{k}"] for k in CURVES} for q in QUANTITIES})
     frame = _curve_frame(job.base, name, op_name, c, job.ids)
     return _rows(job.base, name, op_name, c.scores(), job.ids), [frame]
 
@@ -926,7 +925,8 @@ def _curve_frame(base: dict[str, str], method: str, operator: str, c: Any,
     frames = []
     s = len(c.x)
     for curve in CURVES:
-        for quantity, values in (("prob", c.prob[curve]), ("kl", c.kl[curve])):
+        for quantity in QUANTITIES:
+            values = getattr(c, quantity)[curve]
             frames.append(pd.DataFrame({
                 "curve": curve, "quantity": quantity,
                 "sample_id": torch.tensor(ids).repeat_interleave(s).numpy(),

@@ -12,6 +12,7 @@ from patchbench.methods import (  # noqa: F401  (registration)
     controls,
     diffmask,
     gradients,
+    lrp,
     perturbation,
     plugins,
     precomputed,

@@ -3,8 +3,8 @@
 from patchbench.metrics.faithfulness import (
     Curves,
     Reference,
+    clean_logits,
     faithfulness_curves,
-    log_probs,
     prepare_reference,
 )
 from patchbench.metrics.functional import (
@@ -31,6 +31,6 @@ from patchbench.metrics.scores import (
 __all__ = [
     "CURVES", "MAIN_SCORE", "SCORES", "Curves", "Reference", "Score",
     "auc", "faithfulness_scores", "localisation_scores", "register_score", "scores",
-    "faithfulness_curves", "keep_masks", "kl_divergence", "log_probs", "patch_auroc",
+    "faithfulness_curves", "keep_masks", "kl_divergence", "clean_logits", "patch_auroc",
     "patch_ranking", "pointing_game", "prepare_reference", "relevance_mass", "step_counts",
 ]

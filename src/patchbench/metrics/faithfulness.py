@@ -31,29 +31,41 @@ class Reference:
     """What every method's curves share for one set of images and one operator.
 
     Attributes:
-        logp_clean: Log-probabilities of the clean images ``[B, C]``.
-        logp_empty: Log-probabilities with every patch removed ``[B, C]``.
+        logits_clean: Logits of the clean images ``[B, C]``.
+        logits_empty: Logits with every patch removed ``[B, C]``.
         state: The operator's per-image state (e.g. baseline images), or None.
     """
 
-    logp_clean: Tensor
-    logp_empty: Tensor
+    logits_clean: Tensor
+    logits_empty: Tensor
     state: Tensor | None
+
+    @property
+    def logp_clean(self) -> Tensor:
+        return self.logits_clean.log_softmax(-1)
+
+
+QUANTITIES = ("prob", "kl", "logit", "correct")  # what a curve records at every point
 
 
 @dataclass
 class Curves:
-    """Per-image curves. ``prob[curve]`` and ``kl[curve]`` are ``[B, S + 1]`` over ``x``.
+    """Per-image curves: each quantity's ``[curve]`` is ``[B, S + 1]`` over ``x``.
 
     Attributes:
         x: Fraction of patches removed (deletion, LeRF) or inserted (insertion), ``[S + 1]``.
         prob: Probability of the target class at every point.
         kl: KL(p_clean ‖ p_step) at every point.
+        logit: The target class's logit at every point.
+        correct: 1 where the target class is the top-1 prediction, else 0 (averaged over
+            images, an accuracy curve).
     """
 
     x: Tensor
     prob: dict[str, Tensor]
     kl: dict[str, Tensor]
+    logit: dict[str, Tensor]
+    correct: dict[str, Tensor]
 
     def scores(self) -> dict[str, Tensor]:
         """Every declared faithfulness score these curves allow, each ``[B]``: the AUCs
@@ -75,17 +87,17 @@ def forward_rows(device: torch.device) -> int | None:
 
 
 @torch.no_grad()
-def log_probs(adapter: ViTAdapter, images: Tensor, chunk_size: int = 256) -> Tensor:
-    """Log-softmax of the model's logits ``[B, C]``, in chunks."""
+def clean_logits(adapter: ViTAdapter, images: Tensor, chunk_size: int = 256) -> Tensor:
+    """The model's logits ``[B, C]`` (float32), in chunks."""
     with adapter.fixed_rows(forward_rows(images.device)):
-        return torch.cat([adapter.logits(x).float().log_softmax(-1) for x in images.split(chunk_size)])
+        return torch.cat([adapter.logits(x).float() for x in images.split(chunk_size)])
 
 
 @torch.inference_mode()  # its outputs only ever feed the curves, never autograd
 def prepare_reference(adapter: ViTAdapter, operator: RemovalOperator, images: Tensor,
                       seeds: Tensor, chunk_size: int = 256,
-                      logp_clean: Tensor | None = None) -> Reference:
-    """Clean and all-removed log-probabilities and the operator's state, once per image.
+                      logits_clean: Tensor | None = None) -> Reference:
+    """Clean and all-removed logits and the operator's state, once per image.
 
     Args:
         adapter: The model.
@@ -93,10 +105,10 @@ def prepare_reference(adapter: ViTAdapter, operator: RemovalOperator, images: Te
         images: Model inputs ``[B, 3, H, W]``.
         seeds: Per-image seeds ``[B]`` (e.g. dataset sample ids) for random baselines.
         chunk_size: Rows per forward pass.
-        logp_clean: Clean log-probabilities if already computed (shared across operators).
+        logits_clean: Clean logits if already computed (shared across operators).
     """
-    if logp_clean is None:
-        logp_clean = log_probs(adapter, images, chunk_size)
+    if logits_clean is None:
+        logits_clean = clean_logits(adapter, images, chunk_size)
     state = operator.prepare(adapter, images, seeds)
     none_kept = torch.zeros(images.shape[0], adapter.num_patches, dtype=torch.bool,
                             device=images.device)
@@ -105,8 +117,8 @@ def prepare_reference(adapter: ViTAdapter, operator: RemovalOperator, images: Te
         for rows in torch.arange(images.shape[0]).split(chunk_size):
             logits = operator(adapter, images[rows], none_kept[rows],
                               None if state is None else state[rows])
-            empty.append(logits.float().log_softmax(-1))
-    return Reference(logp_clean, torch.cat(empty), state)
+            empty.append(logits.float())
+    return Reference(logits_clean, torch.cat(empty), state)
 
 
 @torch.inference_mode()
@@ -143,7 +155,7 @@ def faithfulness_curves(adapter: ViTAdapter, operator: RemovalOperator, images: 
     # (the 'drop' operator runs one sequence length at a time)
     jobs = [(curve, j) for curve in runs for j in range(len(interior))]
     n_rows = len(jobs) * b
-    logp = torch.empty(n_rows, reference.logp_clean.shape[1], device=images.device)
+    logits = torch.empty(n_rows, reference.logits_clean.shape[1], device=images.device)
     row_img = torch.arange(b, device=images.device).repeat(len(jobs))
     masks = {c: keep_masks(rank, interior, c) for c in runs}
     row_keep = torch.cat([masks[c][:, j] for c, j in jobs])  # [n_rows, P]
@@ -152,22 +164,38 @@ def faithfulness_curves(adapter: ViTAdapter, operator: RemovalOperator, images: 
         for rows in torch.arange(n_rows, device=images.device).split(chunk_size):
             img = row_img[rows]
             state = None if reference.state is None else reference.state[img]
-            logp[rows] = operator(adapter, images[img], row_keep[rows], state).float().log_softmax(-1)
+            logits[rows] = operator(adapter, images[img], row_keep[rows], state).float()
             bar.update(len(rows))
     bar.close()
-    logp = logp.view(len(runs), len(interior), b, -1)
-    clean, empty = reference.logp_clean, reference.logp_empty
+    logits = logits.view(len(runs), len(interior), b, -1)
+    clean, empty = reference.logits_clean, reference.logits_empty
     ends = {"deletion": (clean, empty), "insertion": (empty, clean)}
-    steps_logp = {c: torch.stack([ends[c][0], *logp[i], ends[c][1]], 1) for i, c in enumerate(runs)}
+    points = {c: torch.stack([ends[c][0], *logits[i], ends[c][1]], 1) for i, c in enumerate(runs)}
     if "lerf" in curves:
         # LeRF removes from the back of the same ranking: removing c patches keeps the top
         # P - c, i.e. the insertion point at P - c; the symmetric grid makes that c[S - j]
-        steps_logp["lerf"] = steps_logp["insertion"].flip(1)
-    steps_logp = {c: steps_logp[c] for c in CURVES if c in curves}
-    x = counts.float() / p
-    prob, kl = {}, {}
-    idx = target.to(images.device).view(-1, 1, 1)
-    for curve, lp in steps_logp.items():
-        prob[curve] = lp.gather(2, idx.expand(-1, lp.shape[1], 1)).squeeze(2).exp()
-        kl[curve] = kl_divergence(clean.unsqueeze(1), lp)
-    return Curves(x, prob, kl)
+        points["lerf"] = points["insertion"].flip(1)
+    points = {c: points[c] for c in CURVES if c in curves}
+    return Curves(counts.float() / p, **curve_quantities(points, clean, target.to(images.device)))
+
+
+def curve_quantities(points: dict[str, Tensor], clean: Tensor,
+                     target: Tensor) -> dict[str, dict[str, Tensor]]:
+    """Every quantity of :data:`QUANTITIES` from the logits at every point of every curve.
+
+    Args:
+        points: Curve -> logits ``[B, S + 1, C]``.
+        clean: Clean logits ``[B, C]``.
+        target: Tracked class per image ``[B]``.
+    """
+    out: dict[str, dict[str, Tensor]] = {q: {} for q in QUANTITIES}
+    logp_clean = clean.log_softmax(-1).unsqueeze(1)
+    idx = target.view(-1, 1, 1)
+    for curve, z in points.items():
+        at = idx.expand(-1, z.shape[1], 1)
+        logp = z.log_softmax(-1)
+        out["prob"][curve] = logp.gather(2, at).squeeze(2).exp()
+        out["kl"][curve] = kl_divergence(logp_clean, logp)
+        out["logit"][curve] = z.gather(2, at).squeeze(2)
+        out["correct"][curve] = (z.argmax(-1) == idx.view(-1, 1)).float()
+    return out

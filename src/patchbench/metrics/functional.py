@@ -77,9 +77,21 @@ def kl_divergence(logp_clean: Tensor, logp: Tensor) -> Tensor:
     return (logp_clean.exp() * (logp_clean - logp)).sum(-1).clamp_min(0)
 
 
-def auc(x: Tensor, y: Tensor) -> Tensor:
-    """Area under ``y [..., S + 1]`` over ``x [S + 1]`` by the trapezoid rule."""
-    return torch.trapezoid(y, x.to(y), dim=-1)
+def auc(x: Tensor, y: Tensor, upto: float | None = None) -> Tensor:
+    """Area under ``y [..., S + 1]`` over ``x [S + 1]`` (increasing) by the trapezoid rule.
+
+    Args:
+        upto: Integrate over ``[x[0], upto]`` only; ``y`` is interpolated linearly at
+            ``upto`` when it falls between two points.
+    """
+    x = x.to(y)
+    if upto is not None and upto < float(x[-1]):
+        j = int((x <= upto + 1e-9).sum())  # points inside; x[j] is the first beyond
+        t = (upto - x[j - 1]) / (x[j] - x[j - 1])
+        end = y[..., j - 1] + t * (y[..., j] - y[..., j - 1])
+        x = torch.cat([x[:j], x.new_tensor([upto])])
+        y = torch.cat([y[..., :j], end.unsqueeze(-1)], -1)
+    return torch.trapezoid(y, x, dim=-1)
 
 
 def patch_auroc(maps: Tensor, truth: Tensor) -> Tensor:

@@ -327,6 +327,17 @@ class ViTAdapter(ImageAdapter):
         logits = self._head(x)
         return (logits, states) if hidden else logits
 
+    def tokens(self, images: Tensor) -> Tensor:
+        """The tokens entering the first block ``[B, N, D]`` (prefix tokens first, position
+        embeddings added)."""
+        return self._pre_blocks(self._add_positions(self.patch_embeddings(images)))
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """Logits ``[B, C]`` from the tokens entering the first block (see :meth:`tokens`)."""
+        for blk in self.blocks:
+            x = self._run_block(blk, x)
+        return self._head(x)
+
     # The four model-specific primitives (the Hugging Face adapter overrides them).
     def _add_positions(self, h0: Tensor) -> Tensor:
         """Patch embeddings ``[B, P, D]`` -> prefix tokens + position-embedded patches ``[B, N, D]``."""

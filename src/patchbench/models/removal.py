@@ -256,6 +256,25 @@ def list_operators(pattern: str = "*") -> list[str]:
     return OPERATORS.list(pattern)
 
 
+@OPERATORS.register("zero_embedding")
+class ZeroEmbeddingOperator(RemovalOperator):
+    """Removed patches' input embeddings (the patch embedding, before the position
+    embedding is added) are set to zero: the perturbation AttnLRP's evaluation describes."""
+
+    name = "zero_embedding"
+    needs_tokens = True
+
+    def __call__(
+        self, adapter: ViTAdapter, images: Tensor, keep: Tensor, state: Tensor | None
+    ) -> Tensor:
+        return self.soft(adapter, images, keep, state)
+
+    def soft(self, adapter: ViTAdapter, images: Tensor, z: Tensor, state: Tensor | None) -> Tensor:
+        """``z · h0``: exact for binary ``z`` (the blend of the embedding and zero)."""
+        h0 = adapter.patch_embeddings(images)
+        return adapter.forward_embeddings(h0 * z.unsqueeze(-1).to(h0.dtype))
+
+
 @OPERATORS.register("placeholder")
 class PlaceholderOperator(RemovalOperator):
     """Removed patches' embeddings are replaced by DiffMask's learned placeholder vector.
