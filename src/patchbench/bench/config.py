@@ -62,7 +62,7 @@ class BenchConfig:
                             flags=("--n-images", "--limit"))
     steps: int | None = setting(16, "steps per curve, 0 = one per patch")
     seed: int = setting(0, "seed for everything")
-    train_seeds: int = setting(2, "seeds each trained method (DiffMask) is trained with (seed, seed+1, "
+    train_seeds: int = setting(1, "seeds each trained method (DiffMask) is trained with (seed, seed+1, "
                                "...): each is scored; tables show the mean over them and their range")
     target: str = setting("prediction", "class whose probability is tracked",
                           choices=("prediction", "label"))
