@@ -256,13 +256,19 @@ def test_noise_config_records_space_and_range_and_refuses_bad_values():
 
 # ---- 7. a shortened paper config end to end ----------------------------------------------------
 
-def test_shortened_paper_cifar10_config_runs_end_to_end(tmp_path, monkeypatch, one_thread):
+def save_tiny_hf_vit(folder: Path, num_labels: int, width: int, heads: int) -> None:
+    """A seeded random ViTForImageClassification (32 px, 8-px patches, 2 layers), saved."""
     transformers = pytest.importorskip("transformers")
-    monkeypatch.setenv("PATCHBENCH_CACHE", str(tmp_path / "cache"))
-    vit_cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=128, num_labels=10)
+    vit_cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=width, num_hidden_layers=2,
+                                     num_attention_heads=heads, intermediate_size=2 * width,
+                                     num_labels=num_labels)
     torch.manual_seed(0)
-    transformers.ViTForImageClassification(vit_cfg).eval().save_pretrained(tmp_path / "vit")
+    transformers.ViTForImageClassification(vit_cfg).eval().save_pretrained(folder)
+
+
+def test_shortened_paper_cifar10_config_runs_end_to_end(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("PATCHBENCH_CACHE", str(tmp_path / "cache"))
+    save_tiny_hf_vit(tmp_path / "vit", num_labels=10, width=64, heads=4)
     write_cifar(tmp_path / "data", n_per_batch=12)
     values = read_config(CONFIG_DIR / "paper-cifar10.toml")
     values.update(model=f"hf:{tmp_path / 'vit'}", data_root=str(tmp_path / "data"), n_images=6, steps=4,
@@ -354,14 +360,10 @@ def test_protocol_scores_against_a_hand_calculation():
 
 @pytest.mark.parametrize("name", PROTOCOLS)
 def test_protocol_config_runs_end_to_end(name, tmp_path, monkeypatch, one_thread):
-    transformers = pytest.importorskip("transformers")
     from test_files import write_folder
 
     monkeypatch.setenv("PATCHBENCH_CACHE", str(tmp_path / "cache"))
-    vit_cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, num_labels=3)
-    torch.manual_seed(0)
-    transformers.ViTForImageClassification(vit_cfg).eval().save_pretrained(tmp_path / "vit")
+    save_tiny_hf_vit(tmp_path / "vit", num_labels=3, width=32, heads=2)
     write_folder(tmp_path / "val", per_class=3, size=(32, 32))
     values = read_config(CONFIG_DIR / f"{name}.toml")
     values.update(model=f"hf:{tmp_path / 'vit'}", data_root=str(tmp_path / "val"), n_images=6,
