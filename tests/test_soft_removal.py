@@ -9,7 +9,7 @@ import torch
 from patchbench.models import create_operator
 
 OPERATORS = {"mean": {"colour": (0.3, -0.2, 0.1)}, "zero": {}, "blur": {}, "noise": {"seed": 4},
-             "drop": {}}
+             "drop": {}, "road": {"seed": 4}, "inpaint": {}}
 
 
 @pytest.mark.parametrize("name", list(OPERATORS))

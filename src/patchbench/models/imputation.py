@@ -89,8 +89,29 @@ def mask_seeds(seed: int, image_seeds: Tensor, keep: Tensor) -> list[int]:
             for s, row in zip(image_seeds.tolist(), bits)]
 
 
+class ImputingOperator(RemovalOperator):
+    """Fills the removed patches from the kept pixels of the same image (subclasses: :meth:`fill`)."""
+
+    def fill(self, adapter: ImageAdapter, images: Tensor, keep: Tensor, state: Tensor | None) -> Tensor:
+        """The model inputs ``[B, C, H, W]`` with the patches where ``keep`` ``[B, P]`` is False filled."""
+        raise NotImplementedError
+
+    def __call__(self, adapter: ImageAdapter, images: Tensor, keep: Tensor, state: Tensor | None) -> Tensor:
+        return adapter.logits(self.fill(adapter, images, keep, state))
+
+    def soft(self, adapter: ImageAdapter, images: Tensor, z: Tensor, state: Tensor | None) -> Tensor:
+        """Each patch a blend ``z·x + (1 − z)·f`` of the clean image and the filled one, where
+        ``f`` fills every patch not wholly kept (z < 1) from the wholly kept ones. ``f`` is held
+        constant in z (it changes only where a patch crosses z = 1), so the gradient flows
+        through the blend, as for the pixel operators; for binary z this is the operator."""
+        with torch.no_grad():
+            filled = self.fill(adapter, images, z.detach() >= 1, state)
+        w = adapter.patch_to_pixel(z).to(images.dtype)
+        return adapter.logits(w * images + (1 - w) * filled)
+
+
 @OPERATORS.register("road")
-class RoadOperator(RemovalOperator):
+class RoadOperator(ImputingOperator):
     """ROAD's noisy linear imputation (Rong et al., ICML 2022) of the removed patches.
 
     Each removed pixel is the weighted mean of its 8 neighbours (direct 1/6, diagonal 1/12),
@@ -118,9 +139,6 @@ class RoadOperator(RemovalOperator):
     def prepare(self, adapter: ImageAdapter, images: Tensor, seeds: Tensor) -> Tensor:
         return seeds.to(torch.int64).clone()
 
-    def __call__(self, adapter: ImageAdapter, images: Tensor, keep: Tensor, state: Tensor | None) -> Tensor:
-        return adapter.logits(self.fill(adapter, images, keep, state))
-
     def fill(self, adapter: ImageAdapter, images: Tensor, keep: Tensor, state: Tensor | None) -> Tensor:
         """The model inputs ``[B, C, H, W]`` with the patches where ``keep`` is False imputed."""
         removed = ~adapter.patch_to_pixel(keep).bool()
@@ -137,7 +155,7 @@ class RoadOperator(RemovalOperator):
 
 
 @OPERATORS.register("inpaint")
-class InpaintOperator(RemovalOperator):
+class InpaintOperator(ImputingOperator):
     """Removed patches filled by OpenCV inpainting from the kept pixels (Telea, 2004).
 
     The image is inpainted in 8-bit pixels (OpenCV's requirement); kept pixels are the
@@ -158,9 +176,6 @@ class InpaintOperator(RemovalOperator):
             raise ValueError(f"inpaint radius must be at least 1 pixel, got {radius}")
         self.radius = int(radius)
         self.method = method
-
-    def __call__(self, adapter: ImageAdapter, images: Tensor, keep: Tensor, state: Tensor | None) -> Tensor:
-        return adapter.logits(self.fill(adapter, images, keep, state))
 
     def fill(self, adapter: ImageAdapter, images: Tensor, keep: Tensor, state: Tensor | None) -> Tensor:
         """The model inputs ``[B, C, H, W]`` with the patches where ``keep`` is False inpainted."""
