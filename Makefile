@@ -30,7 +30,7 @@ speed: install
 
 test: install
 	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 	$(VENV)/bin/patchbench regress --config ci --quiet
 
 # faithfulness scores of the shipped ci config against results/reference/ci.json
