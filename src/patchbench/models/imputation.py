@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from patchbench.models.adapter import ImageAdapter
-from patchbench.models.removal import OPERATORS, RemovalOperator, hash_seed
+from patchbench.models.removal import OPERATORS, RemovalOperator, blend, hash_seed
 
 # ROAD's neighbour weights: 1/6 for the 4 direct neighbours, 1/12 for the 4 diagonal ones
 ROAD_STENCIL = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
@@ -106,8 +106,7 @@ class ImputingOperator(RemovalOperator):
         through the blend, as for the pixel operators; for binary z this is the operator."""
         with torch.no_grad():
             filled = self.fill(adapter, images, z.detach() >= 1, state)
-        w = adapter.patch_to_pixel(z).to(images.dtype)
-        return adapter.logits(w * images + (1 - w) * filled)
+        return adapter.logits(blend(adapter, images, z, filled))
 
 
 @OPERATORS.register("road")

@@ -95,13 +95,19 @@ class PixelOperator(RemovalOperator):
 
     def soft(self, adapter: ImageAdapter, images: Tensor, z: Tensor, state: Tensor | None) -> Tensor:
         """Each patch a blend of the clean image and the baseline: ``z·x + (1 − z)·b`` in pixels."""
-        w = adapter.patch_to_pixel(z).to(images.dtype)
-        return adapter.logits(w * images + (1 - w) * state)
+        return adapter.logits(blend(adapter, images, z, state))
 
 
 def composite(adapter: ImageAdapter, images: Tensor, keep: Tensor, baseline: Tensor) -> Tensor:
     """Images with the patches where ``keep`` ``[B, P]`` is False taken from ``baseline``."""
     return torch.where(adapter.patch_to_pixel(keep).bool(), images, baseline)
+
+
+def blend(adapter: ImageAdapter, images: Tensor, z: Tensor, baseline: Tensor) -> Tensor:
+    """Images whose patches are ``z·x + (1 − z)·b``: the relaxation of :func:`composite` for
+    ``z`` ``[B, P]`` in [0, 1] (differentiable in ``z``; equal to it where ``z`` is binary)."""
+    w = adapter.patch_to_pixel(z).to(images.dtype)
+    return w * images + (1 - w) * baseline
 
 
 @OPERATORS.register("mean")
