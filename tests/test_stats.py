@@ -50,6 +50,19 @@ def test_paired_test_equals_the_exact_distribution(seed):
     assert paired_test(a, b) == pytest.approx(_exact_wilcoxon(a, b), rel=1e-9)
 
 
+@pytest.mark.parametrize("n, seed", [(6, 3), (9, 0), (12, 0), (13, 0)])
+def test_paired_test_with_ties_and_zeros_equals_scipys_permutation_test(n, seed):
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 4, size=n) / 4  # coarse scores: tied differences and zeros
+    b = rng.integers(0, 4, size=n) / 4
+    d = a - b
+    assert np.any(d == 0) and len(np.unique(np.abs(d[d != 0]))) < np.count_nonzero(d)
+    expected = stats.wilcoxon(a, b, zero_method="wilcox").pvalue  # scipy's slow exact path
+    assert paired_test(a, b) == pytest.approx(expected, rel=1e-12)
+
+
 def test_paired_test_sees_a_real_shift_and_no_difference():
     rng = np.random.default_rng(3)
     a = rng.normal(size=60)
