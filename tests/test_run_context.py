@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from patchbench.bench import BenchConfig, run_benchmark
+from patchbench.bench.runner import Given
 from patchbench.context import RunContext, options_from_run
 from patchbench.datasets import DATASETS
 from patchbench.methods import METHODS
@@ -138,7 +139,8 @@ def test_plugin_components_prepare_themselves_in_a_run(tmp_path, glyphs_model, o
         cfg = BenchConfig(run="ctx", results_dir=str(tmp_path), seed=3, methods=(NeedsSeed.name,),
                           operators=(SeededShift.name,), operator_options={SeededShift.name: {"scale": 2.0}},
                           **TINY)
-        out = run_benchmark(cfg, progress=False)
+        # the seed-0 model given as an object: by name, seed 3 would train a model of its own
+        out = run_benchmark(cfg, progress=False, given=Given(model=glyphs_model))
     finally:
         OPERATORS.unregister(SeededShift.name)
         METHODS.unregister(NeedsSeed.name)
