@@ -418,6 +418,15 @@ def test_regression_trips_on_a_degraded_method(tiny_config, glyphs_model, one_th
     assert "patchbench: regression:" in err_text and "/rollout/srg" in err_text
     assert (results / "tiny-regress" / "run.json").exists()  # results_dir came from the TOML
 
+    # scores marked unstable in the reference are shown, not checked, and an update keeps the marks
+    moved = [line.split(" | ")[0].lstrip("| ") for line in rows]
+    (refs / "tiny.json").write_text(json.dumps({**saved, "unstable": {k: "flips" for k in moved}}))
+    table = regress(str(config), refs, **kw).set_index("score")
+    assert set(table.loc[moved, "status"]) == {"unstable"}
+    assert set(table.drop(index=moved).status) == {"ok"}
+    regress(str(config), refs, update=True, **kw)
+    assert json.loads((refs / "tiny.json").read_text())["unstable"] == {k: "flips" for k in moved}
+
 
 def test_reference_without_tolerance_uses_the_default(tiny_config, glyphs_model, one_thread):
     config, results, refs = tiny_config
@@ -452,6 +461,10 @@ def test_compare_verdicts():
     assert pd.isna(fresh["reference"]) and pd.isna(fresh["diff"]) and fresh["now"] == 0.1
     assert pd.isna(gone["now"]) and pd.isna(gone["allowed"]) and gone["reference"] == 0.2
     assert set(compare(ref, ref, tol).status) == {"ok"}
+    marked = compare(ref, now, tol, {"g/mean/m/deletion_prob_auc": "flips"}).set_index("score")
+    assert marked.loc["g/mean/m/deletion_prob_auc", "status"] == "unstable"
+    assert (marked.drop(index="g/mean/m/deletion_prob_auc").status == table.drop(
+        index="g/mean/m/deletion_prob_auc").status).all()
     assert list(compare(ref, now, tol).score) == sorted(set(ref) | set(now))
     # per-score tolerances (references written since issue 14) take precedence over kinds
     per_score = compare(ref, now, {**tol, "deletion_prob_auc": 0.1}).set_index("score")

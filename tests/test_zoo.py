@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from patchbench.models import zoo
+from patchbench.utils import file_digest as _digest
 
 
 def test_key_depends_on_everything_that_fixes_the_weights():
@@ -16,6 +17,16 @@ def test_key_depends_on_everything_that_fixes_the_weights():
         changed = dataclasses.replace(cfg, **{field.name: value * 2 if value else 1})
         keys.add(zoo.model_key("pb-vit-tiny", "glyphs", changed))
     assert len(keys) == 2 + len(dataclasses.fields(cfg))
+
+
+def test_key_changes_with_the_training_or_data_code(monkeypatch):
+    key = zoo.model_key("pb-vit-tiny", "glyphs", zoo.TrainConfig())
+    for edited in ("zoo.py", "synthetic.py"):
+        with monkeypatch.context() as m:
+            m.setattr(zoo, "file_digest",
+                      lambda path, e=edited: "x" if str(path).endswith(e) else _digest(path))
+            assert zoo.model_key("pb-vit-tiny", "glyphs", zoo.TrainConfig()) != key, edited
+    assert zoo.model_key("pb-vit-tiny", "glyphs", zoo.TrainConfig()) == key
 
 
 def test_training_is_deterministic_and_cached(tmp_path, monkeypatch):

@@ -253,8 +253,15 @@ def _regress(args: argparse.Namespace) -> int:
     verb = "wrote reference for" if args.update else "no score moved beyond the tolerance in"
     print(f"{verb} {len(table)} scores of config {args.config!r}")
     if not args.update:
-        worst = table.assign(margin=table["diff"].abs() / table["allowed"]).nlargest(3, "margin")
+        checked = table[table.status != "unstable"]
+        worst = checked.assign(margin=checked["diff"].abs() / checked["allowed"]).nlargest(3, "margin")
         print(render(worst.drop(columns="margin")))
+    unstable = table[table.status == "unstable"]
+    if len(unstable):
+        beyond = unstable[unstable["diff"].abs() > unstable["allowed"]]
+        print(f"not checked: {len(unstable)} scores measured to flip between CPUs (the reference's "
+              f"'unstable' table says why); {len(beyond)} of them moved beyond their tolerance"
+              + (f":\n{render(beyond)}" if len(beyond) else ""))
     return 0
 
 

@@ -1,11 +1,13 @@
 """Embedded default models: small timm ViTs that patchbench trains itself, cached by key.
 
-The key is a hash of architecture, dataset, seed and training config, so changing any
-of them trains a new model and a second run with the same settings reuses the cache.
+The key is a hash of architecture, dataset, seed, training config and the source of the
+code that makes the weights (this module and the dataset's generator), so changing any of them
+trains a new model and a second run with the same settings reuses the cache.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -18,11 +20,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from tqdm.auto import tqdm
 
-from patchbench.datasets import create_dataset
+from patchbench.datasets import DATASETS, create_dataset
 from patchbench.log import get_logger
 from patchbench.models.adapter import ViTAdapter
 from patchbench.registry import Registry
-from patchbench.utils import atomic_path, cache_dir, load_cached, stable_hash
+from patchbench.utils import atomic_path, cache_dir, file_digest, load_cached, stable_hash
 
 LOG = get_logger(__name__)
 MODELS: Registry[nn.Module] = Registry("model")
@@ -52,9 +54,15 @@ class TrainConfig:
 
 
 def model_key(arch: str, dataset: str, cfg: TrainConfig) -> str:
-    """Cache key: readable prefix plus a hash of everything that determines the weights."""
+    """Cache key: readable prefix plus a hash of everything that determines the weights.
+
+    The code is part of it: a model cached by older training or data code would otherwise be
+    reused under the same key, and scores (the regression reference's among them) would then
+    depend on what a machine happened to have cached.
+    """
+    code = [file_digest(__file__), file_digest(inspect.getsourcefile(DATASETS.get(dataset)))]
     digest = stable_hash({"arch": arch, "dataset": dataset, "train": asdict(cfg),
-                          "format": CHECKPOINT_FORMAT})
+                          "format": CHECKPOINT_FORMAT, "code": code})
     return f"{arch}_{dataset}_s{cfg.seed}_{digest}"
 
 
