@@ -158,7 +158,7 @@ def test_training_is_deterministic(trained):
 def test_training_log_has_kl_l0_and_every_multiplier(trained):
     adapter, _, cfg, log, _ = trained
     assert len(log) == cfg.steps
-    assert set(log[0]) == {"step", "layer", "kl", "log_l0", "kept", "saturated", "gate_add_mean",
+    assert set(log[0]) == {"step", "layer", "kl", "l0", "kept", "saturated", "gate_add_mean",
                            "gate_add_max", *(f"lambda_{i}" for i in range(adapter.depth + 2))}
 
 
