@@ -87,8 +87,8 @@ class DiffMaskConfig:
             models (400 steps, seed 0, 200 held-out images, 2026-12-07), ``log`` with the
             multiplier rate 0.3 against ``count`` with 3.0: glyphs ``mean`` pointing game
             0.565 -> 0.89, AUROC 0.883 -> 0.93, final KL 0.019 -> 0.061, kept off the glyph
-            0.20 -> 0.04 (the distractors are closed); glyphs ``drop`` 0.97 -> 0.995, AUROC
-            0.955 -> 0.964. The log form rewards closing an already closed gate further (its
+            0.20 -> 0.04 (the distractors are closed); glyphs ``drop`` pointing 0.955 -> 0.995, AUROC
+            0.951 -> 0.964. The log form rewards closing an already closed gate further (its
             gradient is 1 − P there) and gives open gates almost none, so the gates that were
             open after the first steps stayed open; the count's gradient, P(1 − P) per gate,
             goes to the undecided ones. The count with the rate 0.3 gave glyphs ``mean``
