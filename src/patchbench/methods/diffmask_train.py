@@ -62,7 +62,7 @@ class DiffMaskConfig:
     ``train_diffmask(..., removal=create_operator(...), truth=...)`` and the log's columns.
 
     Attributes:
-        steps: Optimisation steps (400). Measured on 200 held-out images of each default
+        steps: Optimisation steps (400). Measured (log-form L0) on 200 held-out images of each default
             dataset (test split generated with seed 7, not the benchmark's), each explainer
             trained for its operator, 800 -> 400 steps: SRG glyphs ``drop`` 0.768 -> 0.766-0.771
             (3 seeds), glyphs ``mean`` 0.538 -> 0.665, toy-count ``drop`` 0.051 -> 0.050,
