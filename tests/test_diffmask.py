@@ -177,6 +177,26 @@ def test_placeholder_operator_uses_the_learned_vector(trained):
         create_operator("placeholder")
 
 
+@pytest.mark.parametrize("form", ["count", "log"])
+def test_l0_term_is_the_expected_kept_count_or_the_references_log_form(form):
+    adapter = ViTAdapter(tiny_vit())
+    explainer = DiffMaskExplainer(32, adapter.depth + 2, add=1.0)  # gates half open: P far from 0 and 1
+    lambdas = Multipliers(adapter.depth + 2, init=20.0)
+    images = torch.randn(3, 3, 16, 16)
+    with frozen(adapter.model), torch.no_grad():
+        _, kl, l0, kept = lagrangian(adapter, explainer, lambdas, images, k=2, eps=0.1,
+                                     generator=torch.Generator().manual_seed(0), l0_form=form)
+        _, states = adapter.forward_embeddings(adapter.patch_embeddings(images), hidden=True)
+        p = log_prob_nonzero(explainer.gate_logits(states, adapter.num_prefix_tokens, upto=2)).exp()
+    # slow and plain: per image, per patch, the product over gates 0..k of P(z_i != 0)
+    expected = [sum(math.prod(p[b, j, i].item() for i in range(3)) for j in range(16)) if form == "count"
+                else sum(sum(math.log(p[b, j, i].item()) for i in range(3)) for j in range(16)) / 16
+                for b in range(3)]
+    assert l0.tolist() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="l0 must be 'count' or 'log', got 'sum'"):
+        lagrangian(adapter, explainer, lambdas, images, k=2, eps=0.1, l0_form="sum")
+
+
 def test_training_lowers_l0_and_keeps_kl_near_eps():
     """End to end on a tiny model: the mask shrinks while the KL stays close to eps."""
     torch.manual_seed(0)
