@@ -1,5 +1,6 @@
 """Vision DiffMask: hard-concrete gates, dual ascent, checkpoints, training behaviour."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -159,7 +160,11 @@ def test_training_log_has_kl_l0_and_every_multiplier(trained):
     adapter, _, cfg, log, _ = trained
     assert len(log) == cfg.steps
     assert set(log[0]) == {"step", "layer", "kl", "l0", "kept", "saturated", "gate_add_mean",
-                           "gate_add_max", *(f"lambda_{i}" for i in range(adapter.depth + 2))}
+                           "gate_add_max", *(f"lambda_{i}" for i in range(adapter.depth + 2)),
+                           "check_kl", "check_kept", "selected"}
+    # 20 steps < check_every: only the last step is checked, and it is the one returned
+    assert [r["step"] for r in log if r["check_kl"] == r["check_kl"]] == [cfg.steps - 1]
+    assert [r["step"] for r in log if r["selected"]] == [cfg.steps - 1]
 
 
 def test_placeholder_operator_uses_the_learned_vector(trained):
@@ -216,6 +221,34 @@ def test_training_lowers_l0_and_keeps_kl_near_eps():
     assert math.isfinite(kl)
 
 
+def test_training_returns_the_checked_explainer_that_best_meets_the_objective():
+    """Checks every few steps; the explainer returned is the feasible one (KL <= eps) with
+    the fewest kept patches, its weights restored, not the last step's."""
+    from patchbench.methods.diffmask_train import _better, check_explainer, check_indices
+
+    torch.manual_seed(0)
+    adapter = ViTAdapter(tiny_vit(depth=1))
+    with torch.no_grad():
+        adapter.model.head.weight.mul_(20)
+    images = torch.randn(96, 3, 16, 16)
+    cfg = DiffMaskConfig(steps=60, batch_size=16, lr=1e-2, seed=0, check_every=12, check_images=48, eps=0.03)
+    explainer, log = train_diffmask(adapter, images, cfg, progress=False)
+    checks = [(r["step"], r["check_kl"], r["check_kept"]) for r in log if r["check_kl"] == r["check_kl"]]
+    assert [s for s, _, _ in checks] == [11, 23, 35, 47, 59]
+    feasible = [c for c in checks if c[1] <= cfg.eps]
+    want = min(feasible, key=lambda c: c[2]) if feasible else min(checks, key=lambda c: c[1])
+    assert [r["step"] for r in log if r["selected"]] == [want[0]] and want[0] != 59  # not the last
+    # the returned weights are that step's: checking them again gives its numbers
+    index = check_indices(96, cfg)
+    assert check_explainer(adapter, explainer, images, index, cfg) == pytest.approx(want[1:], rel=1e-5)
+    # the rule itself: feasible beats infeasible, then fewer kept, or (infeasible) lower KL
+    assert _better((0.09, 0.9), (0.2, 0.1), 0.1) and not _better((0.2, 0.1), (0.09, 0.9), 0.1)
+    assert _better((0.05, 0.3), (0.01, 0.4), 0.1) and _better((0.3, 0.9), (0.4, 0.1), 0.1)
+    # checks do not disturb training: without them, the same run returns the last step's weights
+    last, _ = train_diffmask(adapter, images, dataclasses.replace(cfg, check_every=0), progress=False)
+    assert check_explainer(adapter, last, images, index, cfg) == pytest.approx(checks[-1][1:], rel=1e-5)
+
+
 def test_train_diffmask_for_an_operator_from_the_command_line(tmp_path, capsys):
     from patchbench.cli import main
 
@@ -252,9 +285,10 @@ def test_training_against_soft_drop_lowers_the_mask_and_keeps_the_output(tiny):
     cfg = DiffMaskConfig(steps=200, batch_size=16, eps=0.1)
     drop, calls = create_operator("drop"), []
     soft = drop.soft
-    drop.soft = lambda *args: calls.append(1) or soft(*args)  # the relaxation is what removes
+    # the relaxation is what removes, in every training step (with a gradient) and every check
+    drop.soft = lambda *args: calls.append(torch.is_grad_enabled()) or soft(*args)
     explainer, log = train_diffmask(tiny, images, cfg, progress=False, removal=drop)
-    assert len(calls) == cfg.steps
+    assert sum(calls) == cfg.steps and len(calls) > cfg.steps
     first, last = log[:10], log[-20:]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     assert mean(first, "kept") > 0.8 and mean(last, "kept") < 0.5 * mean(first, "kept")

@@ -10,13 +10,17 @@ placeholder descend the Lagrangian (Lookahead over Adam, linear warm-up); the mu
 *ascends* it: its gradient, KL − eps, is negated before its optimiser steps, so it grows
 while the constraint is violated and shrinks when it holds (the reference code flipped the
 sign before the gradient existed, so its multipliers descended). λ is clipped to [0, 200].
+Every ``check_every`` steps the full mask is checked on fixed training images; training returns
+the checked explainer that best meets the objective (the fewest kept patches with KL ≤ eps).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import inspect
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -101,6 +105,13 @@ class DiffMaskConfig:
         mul, add: Gate output scale and initial offset (paper 15 and 8).
         warmup_fraction: Linear warm-up of the gate optimiser over this share of the steps.
         lookahead_k, lookahead_alpha: Lookahead settings (paper 6 and 0.5).
+        check_every: Every this many steps (and at the last), the explainer is checked on
+            ``check_images`` fixed training images with the full mask (every gate), the same
+            gate noise each time: mean KL and expected number of kept patches. Training
+            returns the checked explainer that keeps the fewest patches with KL ≤ eps (none
+            with KL ≤ eps: the lowest KL), i.e. the best point of the method's own objective,
+            not the last step's (no ground truth and no faithfulness score enter). 0: the last.
+            24 is a multiple of ``lookahead_k``, so a check sees the synchronised weights.
         seed: Seed of batch order, layer draws and gate noise.
     """
 
@@ -120,6 +131,8 @@ class DiffMaskConfig:
     warmup_fraction: float = 0.1
     lookahead_k: int = 6
     lookahead_alpha: float = 0.5
+    check_every: int = 24
+    check_images: int = 128
     seed: int = 0
 
 
@@ -311,6 +324,9 @@ def train_diffmask(adapter: ViTAdapter, images: Tensor | PreparedImages, cfg: Di
     else:
         raise ValueError(f"multiplier_optimizer must be 'adam' or 'sgd', got {cfg.multiplier_optimizer!r}")
     log: list[dict[str, float]] = []
+    check_index = check_indices(len(images), cfg)
+    best: tuple[float, float] | None = None
+    best_state, best_step = None, cfg.steps - 1
     bar = tqdm(range(cfg.steps), desc="train diffmask", disable=not progress)
     with frozen(adapter.model):
         for step in bar:
@@ -330,13 +346,73 @@ def train_diffmask(adapter: ViTAdapter, images: Tensor | PreparedImages, cfg: Di
                    "kept": kept.mean().item(), "saturated": (kept > 0.999).float().mean().item(),
                    **_kept_on_truth(kept, truth, index), **_gate_stats(explainer)}
             row.update({f"lambda_{i}": lambdas[i].item() for i in range(n_states)})
+            row.update(check_kl=math.nan, check_kept=math.nan)
+            if cfg.check_every and ((step + 1) % cfg.check_every == 0 or step == cfg.steps - 1):
+                checked = check_explainer(adapter, explainer, images, check_index, cfg, removal)
+                row.update(check_kl=checked[0], check_kept=checked[1])
+                if _better(checked, best, cfg.eps):
+                    best, best_step = checked, step
+                    best_state = copy.deepcopy(explainer.state_dict())
             log.append(row)
             if step % 20 == 0:
                 bar.set_postfix(kl=f"{row['kl']:.3f}", kept=f"{row['kept']:.2f}",
                                 lam=f"{row[f'lambda_{k}']:.1f}", refresh=False)
+    if best_state is not None:
+        explainer.load_state_dict(best_state)
+    for row in log:
+        row["selected"] = float(row["step"] == best_step)
     if log_path is not None:
         write_log(log_path, log)
     return explainer.eval(), log
+
+
+@torch.no_grad()
+def check_explainer(adapter: ViTAdapter, explainer: DiffMaskExplainer, images: Tensor, index: Tensor,
+                    cfg: DiffMaskConfig, removal: Any = None) -> tuple[float, float]:
+    """The objective's two sides for the full mask (every gate), on fixed images with fixed
+    gate noise (seeded by ``cfg.seed``), so that checks at different steps compare alike.
+
+    Args:
+        images: Model inputs ``[N, 3, H, W]`` (or :class:`PreparedImages`).
+        index: Which of them to check ``[M]`` (also their seeds for the operator's state).
+
+    Returns:
+        The mean KL and the mean expected fraction of patches kept.
+    """
+    g = torch.Generator().manual_seed(cfg.seed)
+    last, kls, kept = len(explainer.gates) - 1, [], []
+    for rows in index.split(cfg.batch_size):
+        _, kl, _, keep = lagrangian(adapter, explainer, _NO_MULTIPLIERS, images[rows].to(adapter.device),
+                                    last, cfg.eps, g, removal, rows, cfg.l0)
+        kls.append(kl)
+        kept.append(keep.mean(-1))
+    return torch.cat(kls).mean().item(), torch.cat(kept).mean().item()
+
+
+def check_indices(n: int, cfg: DiffMaskConfig) -> Tensor:
+    """The training images the checks use: ``cfg.check_images`` of ``n``, fixed by the seed."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.check_images]
+
+
+class _Zeros:
+    """Multipliers of 0: :func:`lagrangian` evaluated for its KL and mask alone."""
+
+    def __getitem__(self, k: int) -> float:
+        return 0.0
+
+
+_NO_MULTIPLIERS = _Zeros()
+
+
+def _better(check: tuple[float, float], best: tuple[float, float] | None, eps: float) -> bool:
+    """Whether a check (KL, kept) beats the best so far: feasible (KL ≤ eps) beats infeasible;
+    among feasible ones fewer kept patches, among infeasible ones a lower KL."""
+    if best is None:
+        return True
+    (kl, kept), (best_kl, best_kept) = check, best
+    if (kl <= eps) != (best_kl <= eps):
+        return kl <= eps
+    return kept < best_kept if kl <= eps else kl < best_kl
 
 
 def _kept_on_truth(kept: Tensor, truth: Tensor | None, index: Tensor) -> dict[str, float]:
@@ -353,6 +429,13 @@ def _gate_stats(explainer: DiffMaskExplainer) -> dict[str, float]:
     """The gates' learned offsets (their logits' centre; they start at ``add``)."""
     adds = torch.stack([g.add.detach() for g in explainer.gates])
     return {"gate_add_mean": adds.mean().item(), "gate_add_max": adds.max().item()}
+
+
+def _selected(log: list[dict[str, float]]) -> dict[str, float]:
+    """The step whose explainer training returned, with its check's KL and kept fraction."""
+    row = next((r for r in log if r.get("selected")), log[-1])
+    return {"selected_step": int(row["step"]), "check_kl": row.get("check_kl", math.nan),
+            "check_kept": row.get("check_kept", math.nan)}
 
 
 def write_log(path: str | Path, log: list[dict[str, float]]) -> None:
@@ -436,7 +519,8 @@ def train_or_load(adapter: ViTAdapter, dataset: str, cfg: DiffMaskConfig | None 
         "removal": removal_config or {"name": "placeholder (learned)"}, "weights_digest": weights,
         "train_seconds": round(time.perf_counter() - start, 1),
         "final_kl": sum(r["kl"] for r in last) / len(last),
-        "final_kept": sum(r["kept"] for r in last) / len(last)})
+        "final_kept": sum(r["kept"] for r in last) / len(last),
+        **_selected(log)})
     return path
 
 
