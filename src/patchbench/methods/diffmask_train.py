@@ -328,12 +328,7 @@ def train_diffmask(adapter: ViTAdapter, images: Tensor | PreparedImages, cfg: Di
     else:
         raise ValueError(f"multiplier_optimizer must be 'adam' or 'sgd', got {cfg.multiplier_optimizer!r}")
     log: list[dict[str, float]] = []
-    # a run shorter than one interval would check only its last step, which it returns anyway
-    checking = 0 < cfg.check_every < cfg.steps
-    check_index = check_indices(len(images), cfg)
-    check_images = images[check_index] if checking else None  # read once
-    best: tuple[float, float] | None = None
-    best_state, best_step = None, cfg.steps - 1
+    checks = BestCheck(adapter, images, cfg, removal)
     bar = tqdm(range(cfg.steps), desc="train diffmask", disable=not progress)
     with frozen(adapter.model):
         for step in bar:
@@ -353,24 +348,51 @@ def train_diffmask(adapter: ViTAdapter, images: Tensor | PreparedImages, cfg: Di
                    "kept": kept.mean().item(), "saturated": (kept > 0.999).float().mean().item(),
                    **_kept_on_truth(kept, truth, index), **_gate_stats(explainer)}
             row.update({f"lambda_{i}": lambdas[i].item() for i in range(n_states)})
-            row.update(check_kl=math.nan, check_kept=math.nan)
-            if checking and ((step + 1) % cfg.check_every == 0 or step == cfg.steps - 1):
-                checked = check_explainer(adapter, explainer, check_images, check_index, cfg, removal)
-                row.update(check_kl=checked[0], check_kept=checked[1])
-                if _better(checked, best, cfg.eps):
-                    best, best_step = checked, step
-                    best_state = copy.deepcopy(explainer.state_dict())
+            row.update(checks.after_step(step, explainer))
             log.append(row)
             if step % 20 == 0:
                 bar.set_postfix(kl=f"{row['kl']:.3f}", kept=f"{row['kept']:.2f}",
                                 lam=f"{row[f'lambda_{k}']:.1f}", refresh=False)
-    if best_state is not None:
-        explainer.load_state_dict(best_state)
+    best_step = checks.restore(explainer)
     for row in log:
         row["selected"] = float(row["step"] == best_step)
     if log_path is not None:
         write_log(log_path, log)
     return explainer.eval(), log
+
+
+class BestCheck:
+    """Checks the explainer every ``cfg.check_every`` steps and at the last (see
+    :class:`DiffMaskConfig`) and keeps a copy of the one that best meets the objective.
+    A run of ``check_every`` steps or fewer is not checked: it would check only its last
+    step, which it returns anyway."""
+
+    def __init__(self, adapter: ViTAdapter, images: Tensor | PreparedImages, cfg: DiffMaskConfig,
+                 removal: Any = None) -> None:
+        self.adapter, self.cfg, self.removal = adapter, cfg, removal
+        self.on = 0 < cfg.check_every < cfg.steps
+        self.index = check_indices(len(images), cfg) if self.on else None
+        self.images = images[self.index] if self.on else None  # read once
+        self.best: tuple[float, float] | None = None
+        self.best_state: dict[str, Tensor] | None = None
+        self.best_step = cfg.steps - 1
+
+    def after_step(self, step: int, explainer: DiffMaskExplainer) -> dict[str, float]:
+        """The log's check columns for this step (NaN where it is not checked)."""
+        cfg = self.cfg
+        if not self.on or ((step + 1) % cfg.check_every and step != cfg.steps - 1):
+            return {"check_kl": math.nan, "check_kept": math.nan}
+        checked = check_explainer(self.adapter, explainer, self.images, self.index, cfg, self.removal)
+        if _better(checked, self.best, cfg.eps):
+            self.best, self.best_step = checked, step
+            self.best_state = copy.deepcopy(explainer.state_dict())
+        return {"check_kl": checked[0], "check_kept": checked[1]}
+
+    def restore(self, explainer: DiffMaskExplainer) -> int:
+        """Loads the best checked weights into ``explainer``; returns their step."""
+        if self.best_state is not None:
+            explainer.load_state_dict(self.best_state)
+        return self.best_step
 
 
 @torch.no_grad()
