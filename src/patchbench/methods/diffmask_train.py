@@ -216,7 +216,7 @@ def kl_per_image(logp_clean: Tensor, logits: Tensor) -> Tensor:
     return (logp_clean.exp() * (logp_clean - logp)).sum(-1)
 
 
-def lagrangian(adapter: ViTAdapter, explainer: DiffMaskExplainer, lambdas: Multipliers,
+def lagrangian(adapter: ViTAdapter, explainer: DiffMaskExplainer, lambdas: Multipliers | list[float],
                batch: Tensor, k: int, eps: float, generator: torch.Generator | None = None,
                removal: Any = None, seeds: Tensor | None = None, l0_form: str = "count"
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -240,8 +240,9 @@ def lagrangian(adapter: ViTAdapter, explainer: DiffMaskExplainer, lambdas: Multi
     gate_logits = explainer.gate_logits(states, adapter.num_prefix_tokens, upto=k)
     z = hard_concrete_sample(gate_logits, generator=generator).prod(-1)
     log_keep = log_prob_nonzero(gate_logits).sum(-1)  # [B, P]: log P(every gate i ≤ k open)
+    keep = log_keep.exp()
     if l0_form == "count":
-        l0 = log_keep.exp().sum(-1)
+        l0 = keep.sum(-1)
     elif l0_form == "log":
         l0 = log_keep.mean(-1)
     else:
@@ -253,7 +254,7 @@ def lagrangian(adapter: ViTAdapter, explainer: DiffMaskExplainer, lambdas: Multi
             state = removal.prepare(adapter, batch, seeds if seeds is not None else torch.arange(len(batch)))
         masked = removal.soft(adapter, batch, z, state)
     kl = kl_per_image(logp_clean, masked)
-    return (lambdas[k] * (kl - eps) + l0).mean(), kl, l0, log_keep.exp().detach()
+    return (lambdas[k] * (kl - eps) + l0).mean(), kl, l0, keep.detach()
 
 
 class PreparedImages:
@@ -410,8 +411,9 @@ def check_explainer(adapter: ViTAdapter, explainer: DiffMaskExplainer, images: T
     """
     g = torch.Generator().manual_seed(cfg.seed)
     last, kls, kept = len(explainer.gates) - 1, [], []
+    zeros = [0.0] * len(explainer.gates)  # multipliers: only the KL and the mask are wanted
     for x, rows in zip(images.split(cfg.batch_size), seeds.split(cfg.batch_size)):
-        _, kl, _, keep = lagrangian(adapter, explainer, _NO_MULTIPLIERS, x.to(adapter.device),
+        _, kl, _, keep = lagrangian(adapter, explainer, zeros, x.to(adapter.device),
                                     last, cfg.eps, g, removal, rows, cfg.l0)
         kls.append(kl)
         kept.append(keep.mean(-1))
@@ -421,16 +423,6 @@ def check_explainer(adapter: ViTAdapter, explainer: DiffMaskExplainer, images: T
 def check_indices(n: int, cfg: DiffMaskConfig) -> Tensor:
     """The training images the checks use: ``cfg.check_images`` of ``n``, fixed by the seed."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))[:cfg.check_images]
-
-
-class _Zeros:
-    """Multipliers of 0: :func:`lagrangian` evaluated for its KL and mask alone."""
-
-    def __getitem__(self, k: int) -> float:
-        return 0.0
-
-
-_NO_MULTIPLIERS = _Zeros()
 
 
 def _better(check: tuple[float, float], best: tuple[float, float] | None, eps: float) -> bool:
